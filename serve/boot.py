@@ -1,0 +1,148 @@
+"""Bringing engines up: the model folder, the base adapter, the vLLM process.
+
+Two modes. Supervised (default): make sure the model is on disk (the embedded
+default is unpacked and converted by `python -m serve.default_model` in a
+subprocess, so the gateway never imports torch), write the zero adapter that
+stands for the base model, then start and watch a loopback vLLM server.
+Attached (`--engine-url`, repeatable): vLLM servers already run; we only learn
+their base model, write the zero adapter, and load it into each.
+
+Invariant: the gateway answers /health from the first moment; until this
+finishes requests get 503 + Retry-After, and `state` says what is going on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .engine import HttpEngine
+from .supervisor import EngineProcess, vllm_argv, vllm_env
+from .zero_adapter import write_zero_adapter
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("agentloop.boot")
+
+BASE_VERSION = "v0000"
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model's adapters: readable, and unique per source."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or model)[:40]
+    return f"{tail}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+class Boot:
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+        self.settings = gw.settings
+        self.state = "pending"
+        self.process: EngineProcess | None = None
+        self._engines: list[HttpEngine] = []
+
+    def engines(self) -> list[HttpEngine]:
+        s = self.settings
+        urls = s.engine_urls or [f"http://127.0.0.1:{s.engine_port}"]
+        self._engines = [
+            HttpEngine(u, adapters=self.gw.router.adapters, request_timeout=s.request_timeout,
+                       health_interval=s.health_interval)
+            for u in urls
+        ]
+        return self._engines
+
+    async def run(self) -> None:
+        try:
+            if self.settings.engine_urls:
+                await self._attach()
+            else:
+                await self._supervise()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.state = f"failed: {type(e).__name__}: {e}"
+            log.exception("engine boot failed")
+
+    async def _supervise(self) -> None:
+        from templates.registry import get_template
+
+        s = self.settings
+        self.state = "preparing model"
+        model = await self._model_dir()
+        self.state = "writing base adapter"
+        self._add_base_adapter(model, Path(model) / "config.json")
+        tpl = get_template(s.template)
+        argv = vllm_argv(
+            model=model, served_name=f"{s.alias}-base", port=s.engine_port, chat_template=str(tpl.path),
+            tool_parser=tpl.tool_parser, reasoning_parser=tpl.reasoning_parser,
+            max_model_len=s.max_model_len, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
+            extra=s.engine_extra_args,
+        )
+        self.process = EngineProcess(argv, vllm_env(kvcache_space_gib=s.kvcache_space_gib),
+                                     s.home / "logs" / f"engine-{s.engine_port}.log",
+                                     on_exit=lambda code: self._engines[0].mark_down(f"process exited ({code})"))
+        self.state = "starting engine"
+        await self.process.start()
+        if await self.gw.pool.wait_ready(s.engine_startup_timeout):
+            self.state = "running"
+        else:
+            self.state = f"engine not ready after {s.engine_startup_timeout:.0f}s (see {self.process.log_path})"
+
+    async def _model_dir(self) -> str:
+        s = self.settings
+        if s.model is None:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "serve.default_model",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "AGENTLOOP_HOME": str(s.home), "HF_HUB_OFFLINE": "1"},
+            )
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"preparing the default model failed: {err.decode()[-2000:]}")
+            return out.decode().strip().splitlines()[-1]
+        return s.model
+
+    def _add_base_adapter(self, model: str, config: Path) -> None:
+        if not config.exists():
+            # A hub id: its config comes from the hub cache (or the network where there is one).
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(model, "config.json"))
+        out = self.settings.adapters_dir / model_slug(model) / BASE_VERSION
+        write_zero_adapter(config.parent, out)
+        self.gw.router.add_version(BASE_VERSION, str(out), live=self.gw.router.live is None)
+
+    async def _attach(self) -> None:
+        self.state = "waiting for engines"
+        root = None
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while root is None:
+                for url in self.settings.engine_urls:
+                    try:
+                        data = (await client.get(f"{url}/v1/models")).json()["data"]
+                        # The base model card is the one with no parent.
+                        root = next(m.get("root") or m["id"] for m in data if not m.get("parent"))
+                        break
+                    except (httpx.HTTPError, ValueError, KeyError, StopIteration):
+                        continue
+                if root is None:
+                    await asyncio.sleep(1.0)
+        model = self.settings.model or root
+        self.state = "writing base adapter"
+        self._add_base_adapter(model, Path(model) / "config.json")
+        self.state = "loading adapters"
+        if await self.gw.pool.wait_ready(self.settings.engine_startup_timeout):
+            self.state = "running"
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await self.process.stop()

@@ -1,0 +1,223 @@
+"""Chat-completion request checking, OpenAI/vLLM differences, and stream assembly.
+
+The HTTP layer (serve/app.py) only converts; what a chat request means lives
+here: which fields we accept, how `reasoning_effort` maps to the template's
+thinking switch, how a vLLM response is made OpenAI-shaped, and how a stream
+is assembled into the one response that the request log keeps.
+
+Invariants:
+- `prepare` never mutates the client's dict; the engine body it returns always
+  asks for usage, so the log has token counts even when the client did not;
+- a chunk leaves `fix_chunk` OpenAI-shaped: the gateway's id, `reasoning` and
+  `reasoning_content` both set, and no usage unless the client asked for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from .errors import InvalidRequest
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+# Fields a client may not set through the gateway: the chat template is the
+# one source of truth shared with training, and request ids are ours.
+FORBIDDEN = {"chat_template", "request_id"}
+
+
+class _Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: dict[str, Any]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+
+
+def new_completion_id() -> tuple[str, str]:
+    """(engine request id, completion id): vLLM names a response `chatcmpl-<request id>`."""
+    rid = uuid.uuid4().hex
+    return rid, f"chatcmpl-{rid}"
+
+
+def conversation_hash(body: dict[str, Any]) -> str:
+    """Stable hash of what was asked (messages and tools), for splits and dedupe."""
+    key = json.dumps({"messages": body.get("messages"), "tools": body.get("tools")},
+                     sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.")
+    except (ValueError, RecursionError) as e:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {e}")
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def validate(body: dict[str, Any]) -> ChatRequest:
+    bad = FORBIDDEN & body.keys()
+    if bad:
+        name = sorted(bad)[0]
+        raise InvalidRequest(f"The parameter `{name}` is not supported by this server.", param=name)
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = _loc(err)
+        raise InvalidRequest(f"Invalid value for '{loc}': {err['msg']}.", param=loc or None)
+    for i, m in enumerate(req.messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"Invalid value for 'messages[{i}].role': {role!r}.", param=f"messages.[{i}].role")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise InvalidRequest(f"'messages[{i}]' of role 'tool' needs a string 'tool_call_id'.",
+                                 param=f"messages.[{i}].tool_call_id")
+        if role != "assistant" and m.get("content") is None:
+            raise InvalidRequest(f"'messages[{i}].content' is required for role {role!r}.",
+                                 param=f"messages.[{i}].content")
+    names = [t.function.get("name") for t in req.tools or []]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise InvalidRequest("Every tool needs a non-empty 'function.name'.", param="tools")
+    tc = req.tool_choice
+    if isinstance(tc, str):
+        if tc not in {"none", "auto", "required"}:
+            raise InvalidRequest(f"Invalid value for 'tool_choice': {tc!r}.", param="tool_choice")
+        if tc == "required" and not names:
+            raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given.", param="tool_choice")
+    elif isinstance(tc, dict):
+        name = (tc.get("function") or {}).get("name")
+        if tc.get("type") != "function" or not isinstance(name, str):
+            raise InvalidRequest("A named 'tool_choice' must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                                 param="tool_choice")
+        if name not in names:
+            raise InvalidRequest(f"'tool_choice' names the function {name!r}, which is not in 'tools'.",
+                                 param="tool_choice")
+    return req
+
+
+def prepare(body: dict[str, Any], req: ChatRequest, served_model: str) -> dict[str, Any]:
+    """The body sent to the engine for a validated client body."""
+    out = dict(body)
+    out["model"] = served_model
+    ctk = dict(req.chat_template_kwargs or {})
+    effort = out.pop("reasoning_effort", None)
+    # OpenAI's reasoning_effort maps onto the template's thinking switch; an
+    # explicit chat_template_kwargs.enable_thinking wins.
+    if "enable_thinking" not in ctk:
+        ctk["enable_thinking"] = effort not in (None, "none")
+    out["chat_template_kwargs"] = ctk
+    if req.stream:
+        opts = dict(req.stream_options or {})
+        opts["include_usage"] = True
+        out["stream_options"] = opts
+    return out
+
+
+def _fix_message(m: dict[str, Any] | None) -> None:
+    if not m:
+        return
+    r = m.get("reasoning")
+    if r is None:
+        r = m.get("reasoning_content")
+    if r is not None or "reasoning" in m or "reasoning_content" in m:
+        m["reasoning"] = r
+        m["reasoning_content"] = r
+
+
+def fix_response(resp: dict[str, Any], completion_id: str) -> dict[str, Any]:
+    resp["id"] = completion_id
+    for ch in resp.get("choices") or []:
+        _fix_message(ch.get("message"))
+    return resp
+
+
+def fix_chunk(chunk: dict[str, Any], completion_id: str, client_wants_usage: bool) -> dict[str, Any] | None:
+    """Make one engine chunk OpenAI-shaped; None if the client should not see it."""
+    chunk["id"] = completion_id
+    if not client_wants_usage:
+        if not chunk.get("choices") and chunk.get("usage") is not None:
+            return None  # the usage-only chunk we asked for on our own
+        chunk.pop("usage", None)
+    for ch in chunk.get("choices") or []:
+        _fix_message(ch.get("delta"))
+    return chunk
+
+
+class StreamAssembler:
+    """Folds stream chunks into the `chat.completion` object a non-stream call returns."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        if not self.meta:
+            self.meta = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for ch in chunk.get("choices") or []:
+            c = self.choices.setdefault(ch.get("index", 0), {
+                "content": None, "reasoning": None, "tool_calls": {}, "finish_reason": None, "role": "assistant"})
+            d = ch.get("delta") or {}
+            for key in ("content", "reasoning"):
+                if d.get(key):
+                    c[key] = (c[key] or "") + d[key]
+            for tc in d.get("tool_calls") or []:
+                slot = c["tool_calls"].setdefault(tc.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                if tc.get("id"):
+                    slot["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] += fn["name"]
+                if fn.get("arguments"):
+                    slot["function"]["arguments"] += fn["arguments"]
+            if ch.get("finish_reason"):
+                c["finish_reason"] = ch["finish_reason"]
+
+    def result(self) -> dict[str, Any]:
+        choices = []
+        for idx in sorted(self.choices):
+            c = self.choices[idx]
+            msg: dict[str, Any] = {"role": "assistant", "content": c["content"],
+                                   "reasoning": c["reasoning"], "reasoning_content": c["reasoning"]}
+            if c["tool_calls"]:
+                msg["tool_calls"] = [c["tool_calls"][i] for i in sorted(c["tool_calls"])]
+            choices.append({"index": idx, "message": msg, "finish_reason": c["finish_reason"]})
+        return {**self.meta, "object": "chat.completion", "choices": choices, "usage": self.usage}
+
+
+def finish_reason(resp: dict[str, Any] | None) -> str | None:
+    reasons = [c.get("finish_reason") for c in (resp or {}).get("choices") or [] if c.get("finish_reason")]
+    return ",".join(dict.fromkeys(reasons)) or None

@@ -1,0 +1,73 @@
+"""The `agentloop` command line. Domain errors become exit codes here, nowhere else.
+
+Invariant: `agentloop serve` with no arguments serves the embedded default
+model on 127.0.0.1; every flag has an AGENTLOOP_* environment twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import AgentloopError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in {
+        "host": args.host, "port": args.port, "model": args.model, "alias": args.alias,
+        "template": args.template, "engine_port": args.engine_port, "database_url": args.database_url,
+    }.items() if v is not None}
+    if args.engine_url:
+        overrides["engine_urls"] = args.engine_url
+    if args.engine_arg:
+        overrides["engine_extra_args"] = args.engine_arg
+    settings = Settings(**overrides)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    # uvicorn turns SIGINT/SIGTERM into a lifespan shutdown, which stops the
+    # supervised engine: no orphan survives a clean stop.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentloop", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="Serve the OpenAI-compatible API (starts a local vLLM unless --engine-url).")
+    s.add_argument("--host", help="Bind address (default 127.0.0.1).")
+    s.add_argument("--port", type=int, help="Gateway port (default 8000).")
+    s.add_argument("--model", help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct).")
+    s.add_argument("--alias", help="Model name clients use (default 'agentloop').")
+    s.add_argument("--template", help="Chat template from templates/ (default 'chatml-tools').")
+    s.add_argument("--engine-url", action="append", help="Attach to a running vLLM server (repeatable).")
+    s.add_argument("--engine-port", type=int, help="Port of the supervised vLLM server (default 8100).")
+    s.add_argument("--engine-arg", action="append", help="Extra argument for the supervised vLLM (repeatable).")
+    s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except AgentloopError as e:
+        print(f"agentloop: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The engine interface and its vLLM-over-HTTP implementation.
+
+One interface (`Engine`) with one streaming method (`chat`), so the HTTP layer
+only converts; `EnginePool` spreads requests over several vLLM OpenAI servers
+(a supervised local one, or `--engine-url` ones that already run).
+
+Invariants:
+- nothing here imports torch or vllm: engines are reached over HTTP only;
+- a stream is forwarded chunk by chunk as it arrives, never buffered whole;
+- an engine is `ready` only when healthy AND every served adapter is loaded
+  in it, so a request is never routed to an engine that would 404 its model;
+- a request is retried on another engine only if it never reached the first
+  (connection refused), so no generation is ever run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from .errors import EngineError, EngineUnavailable, EngineUnreachable
+
+log = logging.getLogger("agentloop.engine")
+
+AdapterSet = Callable[[], dict[str, str]]  # served name -> adapter path
+
+
+class Engine(ABC):
+    """A backend that serves OpenAI chat completions and LoRA adapters."""
+
+    url: str
+    inflight: int = 0
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    @abstractmethod
+    def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yield the response: one dict if not streaming, else each chunk.
+
+        Raises EngineError (the engine refused the request) or
+        EngineUnavailable (it could not be reached) before the first yield.
+        """
+
+    @abstractmethod
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    @abstractmethod
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def start(self) -> None:  # pragma: no cover - trivial default
+        return None
+
+    async def aclose(self) -> None:  # pragma: no cover - trivial default
+        return None
+
+
+class HttpEngine(Engine):
+    """A vLLM OpenAI-compatible server reached over HTTP."""
+
+    def __init__(self, url: str, *, adapters: AdapterSet, request_timeout: float = 600.0,
+                 health_interval: float = 2.0,
+                 on_down: Callable[["HttpEngine"], Awaitable[None]] | None = None):
+        self.url = url.rstrip("/")
+        self._adapters = adapters
+        self._health_interval = health_interval
+        self._healthy = False
+        self._synced: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self.inflight = 0
+        self.last_error: str | None = None
+        self._client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(request_timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._healthy and set(self._adapters()) <= self._synced
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._health_loop(), name=f"health:{self.url}")
+
+    async def aclose(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._client.aclose()
+
+    def mark_down(self, reason: str) -> None:
+        """Forget what we knew: a restarted engine has no adapters loaded."""
+        if self._healthy:
+            log.warning("engine %s is down: %s", self.url, reason)
+        self._healthy = False
+        self._synced.clear()
+        self.last_error = reason
+
+    async def check(self) -> bool:
+        """One health probe; on the way up, load every served adapter."""
+        try:
+            r = await self._client.get("/health", timeout=5.0)
+            ok = r.status_code == 200
+        except httpx.HTTPError as e:
+            ok = False
+            self.last_error = f"{type(e).__name__}: {e}"
+        if not ok:
+            self.mark_down(self.last_error or "health check failed")
+            return False
+        if not self._healthy:
+            log.info("engine %s is healthy", self.url)
+            self._healthy = True
+        await self.sync_adapters()
+        return self.ready
+
+    async def sync_adapters(self) -> None:
+        wanted = self._adapters()
+        if set(wanted) <= self._synced:
+            return
+        loaded = await self._loaded_models()
+        for name, path in wanted.items():
+            if name not in loaded:
+                await self.load_adapter(name, path)
+            self._synced.add(name)
+
+    async def _loaded_models(self) -> set[str]:
+        r = await self._client.get("/v1/models", timeout=10.0)
+        r.raise_for_status()
+        return {m["id"] for m in r.json().get("data", [])}
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep probing whatever went wrong
+                self.mark_down(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(self._health_interval if self.ready else min(self._health_interval, 0.5))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        r = await self._client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                                    timeout=120.0)
+        if r.status_code != 200 and "already been loaded" not in r.text:
+            raise EngineError.from_response(r.status_code, r.content)
+        self._synced.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        r = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60.0)
+        if r.status_code != 200:
+            raise EngineError.from_response(r.status_code, r.content)
+        self._synced.discard(name)
+
+    async def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        headers = {}
+        if rid := body.pop("_request_id", None):
+            headers["X-Request-Id"] = rid
+        stream = bool(body.get("stream"))
+        req = self._client.build_request("POST", "/v1/chat/completions", json=body, headers=headers)
+        try:
+            resp = await self._client.send(req, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            self.mark_down(f"{type(e).__name__}: {e}")
+            raise EngineUnreachable(f"engine {self.url} unreachable") from e
+        except httpx.HTTPError as e:
+            raise EngineUnavailable(f"engine {self.url} failed: {type(e).__name__}") from e
+        try:
+            if resp.status_code != 200:
+                raise EngineError.from_response(resp.status_code, await resp.aread())
+            if not stream:
+                yield json.loads(await resp.aread())
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                yield json.loads(data)
+        except httpx.HTTPError as e:
+            # The engine died mid-response: the client sees a broken stream,
+            # which is the truth; the health loop notices the engine is gone.
+            self.mark_down(f"{type(e).__name__}: {e}")
+            raise EngineUnavailable(f"engine {self.url} failed mid-response") from e
+        finally:
+            await resp.aclose()
+
+
+class EnginePool:
+    """Routes each request to the ready engine with the fewest in flight."""
+
+    def __init__(self, engines: list[Engine]):
+        if not engines:
+            raise ValueError("EnginePool needs at least one engine")
+        self.engines = engines
+
+    async def start(self) -> None:
+        for e in self.engines:
+            await e.start()
+
+    async def aclose(self) -> None:
+        for e in self.engines:
+            await e.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return any(e.ready for e in self.engines)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                return True
+            await asyncio.sleep(0.2)
+        return self.ready
+
+    def _pick(self, exclude: set[int]) -> Engine | None:
+        candidates = [e for e in self.engines if e.ready and id(e) not in exclude]
+        return min(candidates, key=lambda e: e.inflight) if candidates else None
+
+    async def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        tried: set[int] = set()
+        while True:
+            engine = self._pick(tried)
+            if engine is None:
+                raise EngineUnavailable()
+            tried.add(id(engine))
+            engine.inflight += 1
+            started = False
+            try:
+                async for item in engine.chat(dict(body)):
+                    started = True
+                    yield item
+                return
+            except EngineUnreachable:
+                if started:
+                    raise
+                continue  # never reached the engine: safe to try another
+            finally:
+                engine.inflight -= 1
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.gather(*(e.load_adapter(name, path) for e in self.engines if e.ready))
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.gather(*(e.unload_adapter(name) for e in self.engines if e.ready))

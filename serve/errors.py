@@ -1,0 +1,129 @@
+"""Domain errors of agentloop, and their one translation to OpenAI's error shape.
+
+Invariant: code below the HTTP edge raises these (never HTTPException); the
+edge (serve/app.py, serve/cli.py) is the only place that turns them into a
+status code and `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AgentloopError(Exception):
+    """Base class. `status` and `type` follow OpenAI's conventions."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(AgentloopError):
+    """The client sent something we cannot serve (bad JSON, bad field)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(AgentloopError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(AgentloopError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(AgentloopError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class EngineUnavailable(AgentloopError):
+    """No engine can take the request right now; the client should retry."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"
+
+    def __init__(self, message: str = "The model engine is not available; retry shortly.", *, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class EngineUnreachable(EngineUnavailable):
+    """The request never reached the engine (connection refused or timed out),
+    so it is safe to send it to another engine."""
+
+
+class EngineError(AgentloopError):
+    """The engine answered with an error of its own; keep its status and body.
+
+    vLLM already answers in OpenAI's shape; we pass its message through but
+    never let an engine-side 5xx look like the client's fault or vice versa.
+    """
+
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    @classmethod
+    def from_response(cls, status: int, body: bytes) -> "EngineError":
+        import json
+
+        message, etype, param, code = body.decode("utf-8", "replace")[:2000], None, None, None
+        try:
+            data = json.loads(body)
+            err = data.get("error", data) if isinstance(data, dict) else {}
+            if isinstance(err, dict):
+                message = str(err.get("message") or message)
+                etype, param = err.get("type"), err.get("param")
+                code = err.get("code")
+        except ValueError:
+            pass
+        # vLLM reports some client mistakes (e.g. a too-long prompt) as 400 with
+        # code 400; OpenAI's codes are strings or null.
+        if code is not None and not isinstance(code, str):
+            code = None
+        if status == 404 and message.startswith("The model"):
+            code = code or "model_not_found"
+        return cls(status, message, type=etype, param=param, code=code)

@@ -1,0 +1,73 @@
+"""Gateway settings, read from `AGENTLOOP_*` environment variables and CLI flags.
+
+Invariant: a Settings object is built in the app factory / CLI, never at import
+time, so tests and several apps in one process can each have their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("AGENTLOOP_HOME", Path.home() / ".cache" / "agentloop"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTLOOP_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="Cache and data directory.")
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    model: str | None = Field(
+        None, description="HF model folder or hub id to serve; None serves the embedded default model."
+    )
+    alias: str = Field("agentloop", description="Model name clients use; versions are '<alias>@vNNNN'.")
+    template: str = Field("chatml-tools", description="Chat template name from templates/ (with its parsers).")
+    engine_urls: list[str] = Field(
+        default_factory=list,
+        description="Already running vLLM servers to attach to; empty starts and supervises a local one.",
+    )
+    engine_port: int = Field(8100, description="Port of the supervised local vLLM server (loopback only).")
+    engine_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM CLI arguments.")
+    engine_startup_timeout: float = Field(600.0, description="Seconds to wait for a vLLM server to be healthy.")
+    kvcache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for a supervised CPU engine.")
+    max_model_len: int = Field(2048, description="Context length for a supervised engine.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
+    max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the store; None uses SQLite at <home>/agentloop.db."
+    )
+    log_queue_size: int = Field(10000, description="Bound of the request-log write queue.")
+    request_timeout: float = Field(600.0, description="Seconds before an engine request is abandoned.")
+    health_interval: float = Field(2.0, description="Seconds between engine health checks.")
+    admin_key: str | None = Field(None, description="Bearer key for /admin endpoints (AGENTLOOP_ADMIN_KEY).")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_ok(cls, v: str) -> str:
+        if not v or "@" in v or "/" in v:
+            raise ValueError("alias must be non-empty and contain neither '@' nor '/'")
+        return v
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _urls_ok(cls, v: list[str]) -> list[str]:
+        out = []
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"engine url must start with http:// or https://: {url!r}")
+            out.append(url.rstrip("/"))
+        return out
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'agentloop.db'}"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"

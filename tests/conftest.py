@@ -1,0 +1,125 @@
+"""Session fixtures: one real gateway process supervising one real vLLM CPU server.
+
+The server runs the tiny model that tests/tiny_model.py builds (cached), so
+outputs are deterministic under greedy decoding. It is started once per test
+session through the real CLI (`python -m serve.cli serve`), exactly as a user
+would start it, and stopped with SIGTERM at the end (which must leave no
+orphan engine behind — test_gateway checks that too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str            # gateway base url, e.g. http://127.0.0.1:1234
+    engine_url: str     # the supervised vLLM server (loopback), for direct comparisons
+    home: Path
+    proc: subprocess.Popen
+    model_dir: Path
+    manifest: dict
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.home / 'agentloop.db'}?mode=ro", uri=True, timeout=10)
+
+    def wait_row(self, completion_id: str, timeout: float = 10.0) -> dict:
+        """The request log is written off the response path: poll for the row."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db() as con:
+                con.row_factory = sqlite3.Row
+                r = con.execute("SELECT * FROM completions WHERE id = ?", (completion_id,)).fetchone()
+            if r is not None:
+                return dict(r)
+            time.sleep(0.1)
+        raise AssertionError(f"no log row for {completion_id} after {timeout}s")
+
+
+def start_gateway(home: Path, model_dir: Path, *, extra: list[str] | None = None,
+                  timeout: float = 600.0) -> tuple[subprocess.Popen, str, str]:
+    port, engine_port = free_port(), free_port()
+    env = {**os.environ, "AGENTLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "AGENTLOOP_HEALTH_INTERVAL": "0.5"}
+    log = open(home / "gateway.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),
+         "--model", str(model_dir), "--log-level", "warning", *(extra or [])],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}; see {home / 'gateway.log'}")
+        try:
+            h = httpx.get(f"{url}/health", timeout=2).json()
+            if h.get("ready"):
+                return proc, url, f"http://127.0.0.1:{engine_port}"
+            if str(h.get("boot", "")).startswith("failed"):
+                raise RuntimeError(f"engine boot failed: {h['boot']}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_gateway(proc)
+    raise RuntimeError(f"gateway not ready after {timeout}s; see {home}")
+
+
+def stop_gateway(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from tests.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, tmp_path_factory) -> Server:
+    home = tmp_path_factory.mktemp("agentloop-home")
+    proc, url, engine_url = start_gateway(home, tiny_model)
+    manifest = json.loads((tiny_model / "tiny_manifest.json").read_text())
+    srv = Server(url=url, engine_url=engine_url, home=home, proc=proc, model_dir=tiny_model, manifest=manifest)
+    yield srv
+    stop_gateway(proc)
+
+
+@pytest.fixture
+def client(server: Server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="test-key", max_retries=0, timeout=120)
