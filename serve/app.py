@@ -15,7 +15,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import chat
+from .auth import caller_of
 from .engine import Engine, EnginePool
 from .errors import AgentloopError, EngineUnavailable, InvalidRequest
 from .metrics import Metrics
@@ -40,14 +40,6 @@ log = logging.getLogger("agentloop.gateway")
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def caller_of(request: Request) -> str:
-    """Who is calling: a stable, non-reversible id of the bearer key, or anonymous."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:16]
-    return "anonymous"
 
 
 class Gateway:

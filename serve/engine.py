@@ -121,6 +121,7 @@ class HttpEngine(Engine):
         if not self._healthy:
             log.info("engine %s is healthy", self.url)
             self._healthy = True
+            self.last_error = None
         await self.sync_adapters()
         return self.ready
 

@@ -47,6 +47,8 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
         "--port", str(port),
         "--chat-template", chat_template,
         "--enable-auto-tool-choice",
+        # OpenAI: tool_choice "none" means the model sees no tools and calls none.
+        "--exclude-tools-when-tool-choice-none",
         "--tool-call-parser", tool_parser,
         "--enable-lora",
         "--max-lora-rank", str(max_lora_rank),

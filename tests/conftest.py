@@ -32,6 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @dataclass
 class Server:
     url: str            # gateway base url, e.g. http://127.0.0.1:1234
@@ -61,7 +67,7 @@ class Server:
         raise AssertionError(f"no log row for {completion_id} after {timeout}s")
 
 
-def start_gateway(home: Path, model_dir: Path, *, extra: list[str] | None = None,
+def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None = None,
                   timeout: float = 600.0) -> tuple[subprocess.Popen, str, str]:
     port, engine_port = free_port(), free_port()
     env = {**os.environ, "AGENTLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1",
@@ -69,7 +75,7 @@ def start_gateway(home: Path, model_dir: Path, *, extra: list[str] | None = None
     log = open(home / "gateway.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),
-         "--model", str(model_dir), "--log-level", "warning", *(extra or [])],
+         *(["--model", str(model_dir)] if model_dir else []), "--log-level", "warning", *(extra or [])],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -115,7 +121,12 @@ def server(tiny_model: Path, tmp_path_factory) -> Server:
     manifest = json.loads((tiny_model / "tiny_manifest.json").read_text())
     srv = Server(url=url, engine_url=engine_url, home=home, proc=proc, model_dir=tiny_model, manifest=manifest)
     yield srv
-    stop_gateway(proc)
+    engine_port = int(engine_url.rsplit(":", 1)[1])
+    code = stop_gateway(proc)
+    # A clean stop (SIGTERM) must take the supervised engine down with it.
+    # uvicorn re-raises the signal after its graceful shutdown, hence -SIGTERM.
+    assert code in (0, -signal.SIGTERM), f"gateway exited with {code}"
+    assert not port_open(engine_port), "the vLLM engine outlived the gateway (orphan)"
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""agentloop agents (work in progress; see the issues)."""

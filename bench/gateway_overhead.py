@@ -1,0 +1,117 @@
+"""Gateway overhead: the same streaming load sent straight to vLLM and through the gateway.
+
+Starts one gateway (supervising one vLLM CPU server) on the tiny test model, or
+attaches to a running one with --gateway/--engine, then runs rounds that
+alternate direct and gateway traffic (so drift in machine load hits both
+sides alike): C concurrent streaming requests each, for R rounds. Prints
+throughput (completion tokens/s), the ratio gateway/direct, and the added
+p50/p99 of time-to-first-token and of total latency.
+
+    .venv/bin/python -m bench.gateway_overhead --concurrency 32 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, i: int) -> tuple[float, float, int]:
+    body = {"model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Tell me a joke ({i})"}],
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return ttft or 0.0, time.perf_counter() - t0, tokens
+
+
+async def round_(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(one(client, url, model, max_tokens, i) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res], "tokens": sum(r[2] for r in res)}
+
+
+async def bench(gateway: str, engine: str, args) -> dict:
+    # Warm both paths (first requests compile/allocate).
+    await round_(engine, "agentloop@v0000", 4, 8)
+    await round_(gateway, "agentloop", 4, 8)
+    sides = {"direct": [], "gateway": []}
+    for _ in range(args.rounds):
+        sides["direct"].append(await round_(engine, "agentloop@v0000", args.concurrency, args.max_tokens))
+        sides["gateway"].append(await round_(gateway, "agentloop", args.concurrency, args.max_tokens))
+    out = {}
+    for side, rounds in sides.items():
+        tokens = sum(r["tokens"] for r in rounds)
+        wall = sum(r["wall"] for r in rounds)
+        ttft = [x for r in rounds for x in r["ttft"]]
+        lat = [x for r in rounds for x in r["lat"]]
+        out[side] = {"tok_s": tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+                     "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99), "requests": len(lat)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--gateway", help="URL of a running gateway (with --engine); default: start one")
+    p.add_argument("--engine", help="URL of the vLLM server behind --gateway")
+    args = p.parse_args()
+    proc = None
+    if args.gateway:
+        gateway, engine = args.gateway, args.engine
+    else:
+        from tests.conftest import start_gateway, stop_gateway
+        from tests.tiny_model import ensure_tiny_model
+
+        home = Path(tempfile.mkdtemp(prefix="agentloop-bench-"))
+        proc, gateway, engine = start_gateway(home, ensure_tiny_model())
+    try:
+        res = asyncio.run(bench(gateway, engine, args))
+    finally:
+        if proc is not None:
+            stop_gateway(proc)
+    d, g = res["direct"], res["gateway"]
+    print(f"load: {args.rounds} rounds x {args.concurrency} concurrent streams x {args.max_tokens} tokens, "
+          f"direct and gateway alternating")
+    for side in ("direct", "gateway"):
+        r = res[side]
+        print(f"{side:8s} {r['tok_s']:8.1f} tok/s  ttft p50 {r['ttft_p50']*1000:7.1f} ms  p99 {r['ttft_p99']*1000:7.1f} ms"
+              f"  latency p50 {r['lat_p50']*1000:7.1f} ms  p99 {r['lat_p99']*1000:7.1f} ms  ({r['requests']} requests)")
+    print(f"throughput ratio gateway/direct: {g['tok_s'] / d['tok_s']:.3f}")
+    print(f"added ttft    p50 {1000*(g['ttft_p50']-d['ttft_p50']):+.2f} ms  p99 {1000*(g['ttft_p99']-d['ttft_p99']):+.2f} ms")
+    print(f"added latency p50 {1000*(g['lat_p50']-d['lat_p50']):+.2f} ms  p99 {1000*(g['lat_p99']-d['lat_p99']):+.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

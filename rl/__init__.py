@@ -1,0 +1,1 @@
+"""agentloop rl (work in progress; see the issues)."""

@@ -1,0 +1,1 @@
+"""agentloop tools (work in progress; see the issues)."""
