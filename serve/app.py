@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import chat
+from . import admin, chat
 from .auth import caller_of
 from .engine import Engine, EnginePool
 from .errors import AgentloopError, EngineUnavailable, InvalidRequest
@@ -54,6 +54,8 @@ class Gateway:
         self.pool: EnginePool | None = None
         self._injected = engines
         self.boot = None  # serve.boot.Boot when the gateway starts engines itself
+        self.adapters = None  # serve.adapters.AdapterManager once the base model is known
+        self.base_model: str | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> None:
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
 
     app = FastAPI(title="agentloop", version="0.1.0", lifespan=lifespan)
     app.state.gw = gw
+    app.include_router(admin.router)
 
     @app.exception_handler(AgentloopError)
     async def _domain_error(_: Request, exc: AgentloopError):
@@ -193,6 +196,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
         try:
             req = chat.validate(body)
             version = gw.resolve(req.model)
+            gw.router.acquire(version)
             row.update(served_model=version.name, version=version.version)
             ebody = chat.prepare(body, req, version.name)
             ebody["_request_id"] = rid
@@ -204,6 +208,8 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
                 gw.metrics.inflight.dec()
                 raise
         except AgentloopError as e:
+            if row["version"]:
+                gw.router.release(version)
             finish(e.status, None, e.message, None)
             raise
 
@@ -213,6 +219,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
             finally:
                 await agen.aclose()
                 gw.metrics.inflight.dec()
+                gw.router.release(version)
             finish(200, resp, None, None)
             return JSONResponse(resp)
 
@@ -248,6 +255,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
                 raise
             finally:
                 gw.metrics.inflight.dec()
+                gw.router.release(version)
                 await agen.aclose()
                 result = asm.result()
                 result["id"] = cid

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from .adapters import BASE_VERSION, AdapterManager
 from .engine import HttpEngine
 from .supervisor import EngineProcess, vllm_argv, vllm_env
 from .zero_adapter import write_zero_adapter
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("agentloop.boot")
-
-BASE_VERSION = "v0000"
 
 
 def model_slug(model: str) -> str:
@@ -117,9 +116,11 @@ class Boot:
             from huggingface_hub import hf_hub_download
 
             config = Path(hf_hub_download(model, "config.json"))
-        out = self.settings.adapters_dir / model_slug(model) / BASE_VERSION
-        write_zero_adapter(config.parent, out)
-        self.gw.router.add_version(BASE_VERSION, str(out), live=self.gw.router.live is None)
+        root = self.settings.adapters_dir / model_slug(model)
+        write_zero_adapter(config.parent, root / BASE_VERSION)
+        self.gw.base_model = str(config.parent)
+        self.gw.adapters = AdapterManager(self.gw, root)
+        self.gw.adapters.restore()
 
     async def _attach(self) -> None:
         self.state = "waiting for engines"

@@ -1,16 +1,24 @@
 """Which model names the gateway serves and what each resolves to in the engines.
 
-Clients ask for the alias (`agentloop`) or a pinned version (`agentloop@v0000`).
+Clients ask for the alias (`agentloop`) or a pinned version (`agentloop@v0003`).
 Every name resolves to a LoRA adapter loaded in the engines — never to the bare
-base model (see serve/zero_adapter.py for why).
+base model (see serve/zero_adapter.py for why). A canary takes a share of the
+alias's traffic.
 
-Invariant: `resolve` is a pure in-memory lookup (no I/O on the request path),
-and the alias flips between versions in one assignment.
+Invariants:
+- `resolve` is a pure in-memory lookup (no I/O on the request path), and the
+  alias flips between versions in one assignment, so every request resolves
+  to exactly one version, which its log row records;
+- a version counts its in-flight requests (`acquire`/`release`), so the
+  version it replaced is unloaded only once they have all finished.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .errors import ModelNotFound
@@ -25,17 +33,48 @@ class Version:
 
 
 class ModelRouter:
-    def __init__(self, alias: str):
+    def __init__(self, alias: str, *, rng: random.Random | None = None):
         self.alias = alias
         self.versions: dict[str, Version] = {}
-        self.live: str | None = None  # served name of the live version
+        self.live: str | None = None           # served name of the live version
+        self.canary: tuple[str, float] | None = None  # (served name, share of alias traffic)
+        self.inflight: Counter[str] = Counter()
+        self._idle: asyncio.Condition | None = None  # made on first wait, inside the loop
+        self._rng = rng or random.Random()
+
+    def name_of(self, version: str) -> str:
+        return f"{self.alias}@{version}"
 
     def add_version(self, version: str, path: str, *, live: bool = False) -> Version:
-        v = Version(name=f"{self.alias}@{version}", version=version, path=path)
-        self.versions[v.name] = v
+        v = self.versions.get(self.name_of(version))
+        if v is None or v.path != path:
+            v = Version(name=self.name_of(version), version=version, path=path)
+            self.versions[v.name] = v
         if live or self.live is None:
             self.live = v.name
         return v
+
+    def set_live(self, name: str) -> str | None:
+        """Flip the alias to `name` in one step; returns the version it replaced."""
+        if name not in self.versions:
+            raise ModelNotFound(name)
+        old, self.live = self.live, name
+        if self.canary and self.canary[0] == name:
+            self.canary = None
+        return old
+
+    def set_canary(self, name: str | None, share: float = 0.0) -> None:
+        if name is None or share <= 0:
+            self.canary = None
+            return
+        if name not in self.versions:
+            raise ModelNotFound(name)
+        self.canary = (name, share)
+
+    def remove(self, name: str) -> None:
+        if name in (self.live, self.canary and self.canary[0]):
+            raise ValueError(f"{name} is still served")
+        self.versions.pop(name, None)
 
     def adapters(self) -> dict[str, str]:
         """Every adapter the engines must hold: served name -> folder."""
@@ -43,19 +82,50 @@ class ModelRouter:
 
     def resolve(self, name: str) -> Version:
         if name == self.alias and self.live is not None:
+            if self.canary and self._rng.random() < self.canary[1]:
+                return self.versions[self.canary[0]]
             return self.versions[self.live]
         v = self.versions.get(name)
         if v is None:
             raise ModelNotFound(name)
         return v
 
+    def acquire(self, v: Version) -> None:
+        self.inflight[v.name] += 1
+
+    def release(self, v: Version) -> None:
+        self.inflight[v.name] -= 1
+        if self.inflight[v.name] <= 0:
+            del self.inflight[v.name]
+            if self._idle is not None:
+                asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._idle:
+            self._idle.notify_all()
+
+    async def wait_drained(self, name: str, timeout: float | None = None) -> bool:
+        """Wait until no request started on `name` is still running."""
+        if self._idle is None:
+            self._idle = asyncio.Condition()
+        async with self._idle:
+            try:
+                await asyncio.wait_for(self._idle.wait_for(lambda: self.inflight[name] <= 0), timeout)
+            except TimeoutError:
+                return False
+        return True
+
     def list_models(self) -> list[dict]:
         out = []
         if self.live is not None:
             live = self.versions[self.live]
             out.append({"id": self.alias, "object": "model", "created": live.created,
-                        "owned_by": "agentloop", "version": live.version})
+                        "owned_by": "agentloop", "version": live.version,
+                        "canary": ({"version": self.versions[self.canary[0]].version, "share": self.canary[1]}
+                                   if self.canary else None)})
         for v in self.versions.values():
             out.append({"id": v.name, "object": "model", "created": v.created,
-                        "owned_by": "agentloop", "version": v.version, "parent": self.alias})
+                        "owned_by": "agentloop", "version": v.version, "parent": self.alias,
+                        "live": v.name == self.live})
         return out
+

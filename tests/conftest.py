@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "test-admin-key"
 
 
 def free_port() -> int:
@@ -51,6 +52,15 @@ class Server:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @property
+    def adapters_root(self) -> Path:
+        (base,) = list(self.home.glob("adapters/*/v0000"))
+        return base.parent
+
+    def admin(self, method: str, path: str, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}", **kw.pop("headers", {})}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=120, **kw)
+
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.home / 'agentloop.db'}?mode=ro", uri=True, timeout=10)
 
@@ -71,7 +81,7 @@ def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None
                   timeout: float = 600.0) -> tuple[subprocess.Popen, str, str]:
     port, engine_port = free_port(), free_port()
     env = {**os.environ, "AGENTLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "AGENTLOOP_HEALTH_INTERVAL": "0.5"}
+           "AGENTLOOP_HEALTH_INTERVAL": "0.5", "AGENTLOOP_ADMIN_KEY": ADMIN_KEY}
     log = open(home / "gateway.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),

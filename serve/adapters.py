@@ -1,0 +1,144 @@
+"""Which adapter versions the engines serve: the one place where versions are swapped.
+
+The registry (rl/registry.py: numbered folders with manifests) is the record;
+this module makes the engines and the router follow it. Promotion loads the
+new version into every engine under its own name (`agentloop@v0002`), then
+flips the alias in one step; the version it replaced keeps serving the
+requests that started on it and is unloaded only once they have drained.
+
+Invariants:
+- a version is verified (files re-hashed and validated) before any engine
+  loads it; a corrupt or incompatible adapter is refused and nothing changes;
+- swaps are serialised (one lock), so two admin calls never interleave;
+- the base (`v0000`, the zero adapter), the live version and the canary are
+  always loaded; everything else is unloaded once idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
+
+from .errors import EngineUnavailable, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("agentloop.adapters")
+
+BASE_VERSION = "v0000"
+
+
+class AdapterManager:
+    def __init__(self, gw: "Gateway", root):
+        self.gw = gw
+        self.registry = AdapterRegistry(root, max_rank=gw.settings.max_lora_rank)
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
+
+    @property
+    def router(self):
+        return self.gw.router
+
+    def restore(self) -> None:
+        """At start-up: serve the base and whatever the registry says is live."""
+        base = self.registry.get(BASE_VERSION)
+        self.router.add_version(BASE_VERSION, str(base.path))
+        live = self.registry.live()
+        if live is not None:
+            self.router.add_version(live.version, str(live.path), live=True)
+        else:
+            self.router.set_live(self.router.name_of(BASE_VERSION))
+
+    def _manifest(self, version: str):
+        try:
+            return self.registry.verify(version)
+        except VersionNotFound:
+            raise NotFound(f"No adapter version {version!r}.", param="version", code="version_not_found")
+        except AdapterInvalid as e:
+            raise InvalidRequest(f"Adapter {version} was refused: {e}", param="version", code="adapter_invalid")
+        except RegistryError as e:
+            raise InvalidRequest(str(e), param="version", code="adapter_invalid")
+
+    async def _load(self, version: str):
+        """Verify and load `version` into every ready engine; register it with the router."""
+        m = self._manifest(version)
+        if m.base_model and self.gw.base_model and str(m.base_model) != str(self.gw.base_model):
+            raise InvalidRequest(f"Adapter {version} was trained for {m.base_model}, not {self.gw.base_model}.",
+                                 param="version", code="adapter_incompatible")
+        name = self.router.name_of(m.version)
+        if not self.gw.pool.ready:
+            raise EngineUnavailable()
+        try:
+            await self.gw.pool.load_adapter(name, str(m.path))
+        except EngineUnavailable:
+            raise
+        except Exception as e:
+            # The engine refused it (e.g. shapes that do not fit the base model).
+            await self._unload_quietly(name)
+            raise InvalidRequest(f"The engine refused adapter {version}: {e}", param="version",
+                                 code="adapter_invalid") from e
+        return m, self.router.add_version(m.version, str(m.path))
+
+    async def promote(self, version: str, reason: str = "promoted") -> dict:
+        async with self._lock:
+            m, v = await self._load(version)
+            old = self.router.set_live(v.name)
+            self.registry.set_status(m.version, "live", reason)
+            log.info("alias %s now serves %s (was %s)", self.router.alias, v.name, old)
+            if old and old != v.name:
+                self._retire_later(old)
+            return {"version": m.version, "previous": old and old.rsplit("@", 1)[-1], "status": "live"}
+
+    async def rollback(self, version: str) -> dict:
+        return await self.promote(version, reason="rollback")
+
+    async def set_canary(self, version: str | None, share: float) -> dict:
+        if not 0.0 <= share <= 1.0:
+            raise InvalidRequest("'share' must be between 0 and 1.", param="share")
+        async with self._lock:
+            old = self.router.canary[0] if self.router.canary else None
+            if version is None or share == 0:
+                self.router.set_canary(None)
+            else:
+                m, v = await self._load(version)
+                if v.name == self.router.live:
+                    raise InvalidRequest(f"{version} is already live.", param="version")
+                self.router.set_canary(v.name, share)
+            if old and (not self.router.canary or self.router.canary[0] != old):
+                self._retire_later(old)
+            c = self.router.canary
+            return {"version": c[0].rsplit("@", 1)[-1] if c else None, "share": c[1] if c else 0.0}
+
+    def _retire_later(self, name: str) -> None:
+        task = asyncio.create_task(self._retire(name))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, name: str) -> None:
+        """Unload a replaced version once the requests that started on it are done."""
+        await self.router.wait_drained(name)
+        async with self._lock:
+            if name in (self.router.live, self.router.canary and self.router.canary[0],
+                        self.router.name_of(BASE_VERSION)):
+                return  # it came back (rollback) while draining
+            self.router.remove(name)
+            await self._unload_quietly(name)
+            log.info("unloaded %s", name)
+
+    async def _unload_quietly(self, name: str) -> None:
+        try:
+            await self.gw.pool.unload_adapter(name)
+        except Exception as e:  # not loaded there, or the engine is down: nothing to undo
+            log.debug("unload %s: %s", name, e)
+
+    def list(self) -> list[dict]:
+        out = []
+        for m in self.registry.list():
+            d = m.to_dict()
+            d["served"] = self.router.name_of(m.version) in self.router.versions
+            out.append(d)
+        return out
