@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import admin, chat
+from . import admin, chat, feedback
 from .auth import caller_of
 from .engine import Engine, EnginePool
 from .errors import AgentloopError, EngineUnavailable, InvalidRequest
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
     app = FastAPI(title="agentloop", version="0.1.0", lifespan=lifespan)
     app.state.gw = gw
     app.include_router(admin.router)
+    app.include_router(feedback.router)
 
     @app.exception_handler(AgentloopError)
     async def _domain_error(_: Request, exc: AgentloopError):

@@ -192,7 +192,7 @@ class Store(FeedbackStore):
             event.listen(self.engine, "begin", _sqlite_on_begin)
         try:
             # Names applied by this instance; empty when the database was current.
-            self.applied: list[str] = self.migrate()
+            self.applied: list[str] = _retry_busy(self.migrate) if self._is_sqlite else self.migrate()
         except BaseException:
             self.engine.dispose()
             raise
@@ -350,11 +350,29 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         # busy_timeout first: switching a fresh file to WAL needs a lock that a
         # concurrent opener may hold.
         cur.execute("PRAGMA busy_timeout = 5000")
-        cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        _retry_busy(lambda: cur.execute("PRAGMA journal_mode = WAL"))  # readers never block the writer
         cur.execute("PRAGMA synchronous = NORMAL")  # durable across app crashes in WAL; far fewer fsyncs
         cur.execute("PRAGMA foreign_keys = ON")
     finally:
         cur.close()
+
+
+def _retry_busy(fn: Callable[[], Any], attempts: int = 6) -> Any:
+    """Run fn, retrying briefly while SQLite says "database is locked".
+
+    SQLite answers SQLITE_BUSY without waiting on busy_timeout in a few cases
+    (sqlite.org/wal.html, "Sometimes Queries Return SQLITE_BUSY In WAL Mode"):
+    while the last connection to close checkpoints and deletes the WAL, and when
+    a fresh file is switched to WAL under a concurrent opener. Both only happen
+    as stores open and close concurrently, so opening retries; queries do not.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # sqlite3's or SQLAlchemy's OperationalError
+            if attempt == attempts - 1 or "database is locked" not in str(e):
+                raise
+            time.sleep(0.02 * 2 ** attempt)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

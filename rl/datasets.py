@@ -1,0 +1,498 @@
+"""Training datasets from user feedback: DPO pairs and KTO examples, in TRL's format.
+
+What it owns: turning the store's feedback (serve/store_feedback.py) joined with
+the logged completions into TRL's conversational datasets, and the policy for
+what gets in — split, dedupe, length limit, per-caller cap, excluded callers.
+
+Rows (TRL conversational format; TRL reads ``tools`` and ``chat_template_kwargs``):
+- DPO: ``prompt`` (the request's messages as sent), ``chosen`` and ``rejected``
+  (one assistant message each), ``tools``, ``chat_template_kwargs``.
+- KTO: ``prompt``, ``completion`` (one assistant message), ``label`` (bool),
+  ``tools``, ``chat_template_kwargs``.
+Both carry metadata columns (``source``, ``caller``, ``conversation_hash``,
+``version``, ``feedback_ids``) that TRL drops before training.
+
+Invariants
+- A prompt renders exactly as the gateway rendered it: same messages, tools
+  and template kwargs (``enable_thinking`` is derived by serve.chat.prepare,
+  the gateway's own code, not a copy of its rule).
+- The split depends only on an example's conversation hash (and the salt): one
+  conversation is never on both sides, and an example keeps its side across
+  runs and as the store grows.
+- Deterministic: the same store and config give the same build, row for row.
+- Never imports fastapi or torch; ``datasets`` is imported only by ``to_hf``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from serve import chat
+
+KINDS = ("dpo", "kto")
+SOURCES = {"dpo": ("pairwise", "correction", "thumbs"), "kto": ("thumbs", "rating", "correction")}
+TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs"),
+               "kto": ("prompt", "completion", "label", "tools", "chat_template_kwargs")}
+META_COLUMNS = ("source", "caller", "conversation_hash", "version", "feedback_ids")
+# TRL wants desirable_weight*n_desirable / (undesirable_weight*n_undesirable) in
+# [1, 4/3]; aim at the middle so its 2-decimal rounded bound check passes too.
+_KTO_TARGET_RATIO = 7 / 6
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DatasetConfig:
+    """What goes into a build. Every field has ``metadata["help"]`` (HfArgumentParser style)."""
+
+    kind: str = _help("'dpo' (preference pairs) or 'kto' (unpaired desirable/undesirable examples).",
+                      default="dpo")
+    sources: tuple[str, ...] | None = _help(
+        "Feedback types to use; None uses all that apply: dpo: pairwise, correction, thumbs "
+        "(same-prompt up vs down); kto: thumbs, rating, correction.", default=None)
+    since: float | None = _help("Only feedback created at or after this Unix time.", default=None)
+    versions: tuple[str, ...] | None = _help(
+        "Only feedback on completions of these model versions (e.g. 'v0003'); None takes all.", default=None)
+    eval_percent: int = _help(
+        "Percent of conversations (by conversation hash, not of examples) held out for eval, 0..100.", default=5)
+    split_salt: str = _help("Salt of the split hash; change it to draw a different held-out set.", default="")
+    max_length: int | None = _help(
+        "Drop examples whose rendered prompt+completion is longer, in tokens (the tokenizer's count if one "
+        "is given to build_dataset, else characters/4). None keeps all.", default=4096)
+    max_per_caller: int | None = _help("At most this many examples per caller (chosen by hash).", default=None)
+    max_caller_fraction: float | None = _help(
+        "At most this fraction (0..1] of the examples (counted before the cap) per caller, at least 1.",
+        default=None)
+    exclude_callers: tuple[str, ...] = _help("Caller ids whose feedback is never used (untrusted).", default=())
+    rating_desirable_min: int = _help("KTO: ratings >= this are desirable.", default=4)
+    rating_undesirable_max: int = _help("KTO: ratings <= this are undesirable; those between are dropped.",
+                                        default=2)
+    dedupe: bool = _help("Drop examples identical (same TRL columns) to an earlier one.", default=True)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        for name in ("sources", "versions"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, str) or not all(isinstance(x, str) for x in v):
+                    raise ValueError(f"{name} must be a sequence of strings")
+                setattr(self, name, tuple(v))
+        if isinstance(self.exclude_callers, str):
+            raise ValueError("exclude_callers must be a sequence of caller ids, not one string")
+        self.exclude_callers = tuple(self.exclude_callers)
+        if self.sources is not None:
+            bad = set(self.sources) - set(SOURCES[self.kind])
+            if bad or not self.sources:
+                raise ValueError(f"sources for {self.kind} must be a non-empty subset of {SOURCES[self.kind]}")
+        if not (isinstance(self.eval_percent, int) and 0 <= self.eval_percent <= 100):
+            raise ValueError("eval_percent must be an integer in 0..100")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError("max_length must be >= 1 or None")
+        if self.max_per_caller is not None and self.max_per_caller < 1:
+            raise ValueError("max_per_caller must be >= 1 or None")
+        if self.max_caller_fraction is not None and not 0 < self.max_caller_fraction <= 1:
+            raise ValueError("max_caller_fraction must be in (0, 1] or None")
+        if not 1 <= self.rating_undesirable_max < self.rating_desirable_min <= 5:
+            raise ValueError("need 1 <= rating_undesirable_max < rating_desirable_min <= 5")
+
+    @property
+    def active_sources(self) -> tuple[str, ...]:
+        return self.sources or SOURCES[self.kind]
+
+
+@dataclass
+class DatasetBuild:
+    """A built dataset: rows per split, what was used, and why the rest was not.
+
+    ``stats``: ``feedback_seen``; ``by_source`` and ``per_caller`` (kept
+    examples); ``dropped`` by reason (feedback rows for reasons decided before
+    examples exist — excluded_caller, version, source_not_selected, superseded,
+    completion_missing, unusable_completion, rating_neutral, unpaired_thumbs — and
+    examples after: identical_sides, conversation_mismatch, template_kwargs_mismatch,
+    thinking_without_reasoning, duplicate,
+    too_long, caller_cap); ``train``/``eval`` sizes; for KTO the train
+    ``desirable``/``undesirable`` counts.
+    """
+
+    kind: str
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    stats: dict[str, Any]
+    dataset_ids: list[str]  # feedback ids behind the kept examples, sorted
+    config: dict[str, Any]
+    desirable_weight: float = 1.0  # KTO: pass to KTOConfig
+    undesirable_weight: float = 1.0
+
+    def to_jsonl(self, path: str | Path) -> dict[str, Path]:
+        """Write ``train.jsonl``, ``eval.jsonl`` and ``build.json`` into directory ``path``.
+
+        The .jsonl files load with ``datasets.load_dataset("json", ...)``.
+        """
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"train": out / "train.jsonl", "eval": out / "eval.jsonl", "build": out / "build.json"}
+        for split in ("train", "eval"):
+            with open(files[split], "w", encoding="utf-8") as f:
+                for row in getattr(self, split):
+                    f.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+        meta = {k: v for k, v in asdict(self).items() if k not in ("train", "eval")}
+        files["build"].write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        return files
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> "DatasetBuild":
+        p = Path(path)
+        meta = json.loads((p / "build.json").read_text(encoding="utf-8"))
+        splits = {s: [json.loads(line) for line in (p / f"{s}.jsonl").read_text(encoding="utf-8").splitlines()
+                      if line.strip()] for s in ("train", "eval")}
+        return cls(**meta, **splits)
+
+    def to_hf(self, split: str = "train"):
+        """One split as a ``datasets.Dataset`` that TRL's DPOTrainer/KTOTrainer take.
+
+        ``tools`` is stored as a JSON string (TRL decodes it): tool schemas differ
+        from row to row, which one Arrow column type cannot hold. Message contents
+        must be strings or null (no content-part lists) for the same reason.
+        """
+        from datasets import Dataset  # heavy; only needed here
+
+        if split not in ("train", "eval"):
+            raise ValueError("split must be 'train' or 'eval'")
+        rows = [{**r, "tools": None if r["tools"] is None else json.dumps(r["tools"], ensure_ascii=False)}
+                for r in getattr(self, split)]
+        if not rows:
+            return Dataset.from_dict({c: [] for c in (*TRL_COLUMNS[self.kind], *META_COLUMNS)})
+        return Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------- row pieces
+
+def template_kwargs(request: dict[str, Any]) -> dict[str, Any]:
+    """The chat-template kwargs the gateway rendered ``request`` with.
+
+    Computed by serve.chat.prepare itself so training can never drift from
+    serving (e.g. how ``reasoning_effort`` maps to ``enable_thinking``).
+    """
+    req = chat.ChatRequest.model_construct(stream=False, chat_template_kwargs=request.get("chat_template_kwargs"))
+    return chat.prepare(request, req, "")["chat_template_kwargs"]
+
+
+def assistant_message(message: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A response (or correction) message as a training assistant message; None if empty."""
+    if not isinstance(message, dict):
+        return None
+    out: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = message.get("reasoning")  # vLLM's name; the gateway sets both
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    calls = []
+    for tc in message.get("tool_calls") or []:
+        fn = tc.get("function") or {}
+        args = fn.get("arguments")
+        call = {"type": "function", "function": {
+            "name": fn.get("name"),
+            # Chat templates and OpenAI both expect the arguments as a JSON string.
+            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
+        if tc.get("id") is not None:
+            call = {"id": tc["id"], **call}
+        calls.append(call)
+    if calls:
+        out["tool_calls"] = calls
+    if out["content"] is None and not calls:
+        return None
+    return out
+
+
+def _choice(completion: dict[str, Any], index: int) -> dict[str, Any] | None:
+    for ch in (completion.get("response") or {}).get("choices") or []:
+        if isinstance(ch, dict) and ch.get("index", 0) == index:
+            return assistant_message(ch.get("message"))
+    return None
+
+
+def _prompt(completion: dict[str, Any]) -> dict[str, Any]:
+    req = completion["request"]
+    return {"prompt": req["messages"], "tools": req.get("tools") or None,
+            "chat_template_kwargs": template_kwargs(req),
+            "conversation_hash": completion.get("conversation_hash") or chat.conversation_hash(req)}
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _bucket(conversation_hash: str, salt: str) -> int:
+    return int(hashlib.sha256(f"{salt}:{conversation_hash}".encode()).hexdigest()[:8], 16) % 100
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) so that TRL's balance guidance holds.
+
+    Only the over-represented class's opposite is reweighted (TRL: adjust one,
+    not both); balanced enough data, or a missing class, keeps (1.0, 1.0).
+    """
+    if not n_desirable or not n_undesirable:
+        return 1.0, 1.0
+    ratio = n_desirable / n_undesirable
+    if 1 <= ratio <= 4 / 3:
+        return 1.0, 1.0
+    if ratio > 4 / 3:
+        return 1.0, round(ratio / _KTO_TARGET_RATIO, 4)
+    return round(_KTO_TARGET_RATIO / ratio, 4), 1.0
+
+
+def char_length(messages: list[dict[str, Any]], tools: list | None, _kwargs: dict[str, Any]) -> int:
+    """Cheap token estimate: characters/4 of the messages and tools as JSON."""
+    return math.ceil(len(json.dumps({"tools": tools, "messages": messages}, ensure_ascii=False)) / 4)
+
+
+def tokenizer_length(tokenizer: Any):
+    """A length function counting the tokens of the rendered chat with ``tokenizer``."""
+    def length(messages: list[dict[str, Any]], tools: list | None, kwargs: dict[str, Any]) -> int:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, **kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return len(ids)
+    return length
+
+
+# ---------------------------------------------------------------- build
+
+@dataclass
+class _Ex:
+    row: dict[str, Any]
+    order: tuple  # (created_at of the newest feedback, ids): chronological, total
+    key: str = ""
+
+
+class _Builder:
+    def __init__(self, config: DatasetConfig, length) -> None:
+        self.cfg = config
+        self.length = length
+        self.dropped: Counter = Counter()
+        self.examples: list[_Ex] = []
+        self.seen = 0  # feedback rows read
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def select(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Apply the feedback-level filters; keep each caller's latest word on a target."""
+        cfg, latest = self.cfg, {}
+        for fb in rows:
+            self.seen += 1
+            if fb["caller"] in cfg.exclude_callers:
+                self.drop("excluded_caller")
+            elif fb["type"] not in cfg.active_sources:
+                self.drop("source_not_selected")
+            elif cfg.versions is not None and fb["version"] not in cfg.versions:
+                self.drop("version")
+            else:
+                if fb["type"] == "pairwise":
+                    # A reversed pair is the same question answered again.
+                    target = tuple(sorted([(fb["chosen_id"], fb["chosen_index"] or 0),
+                                           (fb["rejected_id"], fb["rejected_index"] or 0)]))
+                else:
+                    target = fb["completion_id"]
+                k = (fb["caller"], fb["type"], target)
+                if k in latest:
+                    # A changed vote (or a re-sent correction) replaces the earlier one;
+                    # rows arrive oldest first, so the later one wins.
+                    self.drop("superseded")
+                latest[k] = fb
+        return sorted(latest.values(), key=lambda f: (f["created_at"], f["id"]))
+
+    def usable(self, *completions: dict[str, Any] | None) -> bool:
+        if any(c is None for c in completions):
+            self.drop("completion_missing")
+            return False
+        if any(c["status_code"] != 200 or not isinstance(c.get("request"), dict) for c in completions):
+            self.drop("unusable_completion")
+            return False
+        return True
+
+    def add(self, fbs: list[dict[str, Any]], source: str, base: dict[str, Any], **cols: Any) -> None:
+        if base["chat_template_kwargs"].get("enable_thinking") and any(
+                not isinstance(m[0].get("reasoning_content"), str) for m in cols.values() if isinstance(m, list)):
+            # With thinking on, serving's generation prompt opens a <think> block:
+            # an answer without reasoning cannot follow it, so it cannot be trained
+            # in the context it is served in (rl/common.py rejects such rows).
+            self.drop("thinking_without_reasoning")
+            return
+        newest = max(fbs, key=lambda f: (f["created_at"], f["id"]))
+        row = {**{k: base[k] for k in ("prompt", "tools", "chat_template_kwargs")}, **cols, "source": source,
+               "caller": newest["caller"], "conversation_hash": base["conversation_hash"],
+               "version": newest["version"], "feedback_ids": [f["id"] for f in fbs]}
+        self.examples.append(_Ex(row, (newest["created_at"], *row["feedback_ids"])))
+
+    # ------------------------------------------------------------ sources
+
+    def dpo(self, fbs: list[dict[str, Any]]) -> None:
+        thumbs: dict[tuple, dict[int, list]] = defaultdict(lambda: {1: [], -1: []})
+        for fb in fbs:
+            if fb["type"] == "pairwise":
+                a, b = fb["chosen_completion"], fb["rejected_completion"]
+                if not self.usable(a, b):
+                    continue
+                chosen, rejected = _choice(a, fb["chosen_index"] or 0), _choice(b, fb["rejected_index"] or 0)
+                pa, pb = _prompt(a), _prompt(b)
+                if chosen is None or rejected is None:
+                    self.drop("unusable_completion")
+                elif pa["prompt"] != pb["prompt"] or pa["tools"] != pb["tools"]:
+                    self.drop("conversation_mismatch")  # the API refuses these; rows may come from elsewhere
+                elif pa["chat_template_kwargs"] != pb["chat_template_kwargs"]:
+                    # Same messages, rendered differently (e.g. thinking on vs off):
+                    # DPO needs one prompt for both sides.
+                    self.drop("template_kwargs_mismatch")
+                else:
+                    self.pair([fb], "pairwise", pa, chosen, rejected)
+            elif fb["type"] == "correction":
+                c = fb["completion"]
+                if self.usable(c):
+                    answer, fixed = _choice(c, 0), assistant_message(fb["correction"])
+                    if answer is None or fixed is None:
+                        self.drop("unusable_completion")
+                    else:
+                        self.pair([fb], "correction", _prompt(c), fixed, answer)
+            elif fb["type"] == "thumbs" and self.usable(fb["completion"]):
+                p = _prompt(fb["completion"])
+                # Pair within one caller and one rendered prompt: a user's up and down
+                # are judgements on one scale, and caps/exclusions stay attributable.
+                group = (fb["caller"], p["conversation_hash"], _canon(p["chat_template_kwargs"]))
+                thumbs[group][fb["value"]].append((fb, p))
+        for group in sorted(thumbs):
+            ups, downs = thumbs[group][1], thumbs[group][-1]
+            if not ups or not downs:
+                self.drop("unpaired_thumbs", len(ups) + len(downs))
+                continue
+            # Each down is paired with an up, in time order, reusing ups when there
+            # are fewer: deterministic, and every negative signal is used.
+            for i, (down, p) in enumerate(downs):
+                up = ups[i % len(ups)][0]
+                chosen, rejected = _choice(up["completion"], 0), _choice(down["completion"], 0)
+                if chosen is None or rejected is None:
+                    self.drop("unusable_completion")
+                else:
+                    self.pair([up, down], "thumbs", p, chosen, rejected)
+
+    def pair(self, fbs, source, p, chosen, rejected) -> None:
+        if _canon(chosen) == _canon(rejected):
+            self.drop("identical_sides")  # no preference signal in it
+        else:
+            self.add(fbs, source, p, chosen=[chosen], rejected=[rejected])
+
+    def kto(self, fbs: list[dict[str, Any]]) -> None:
+        cfg = self.cfg
+        for fb in fbs:
+            c = fb["completion"]
+            if not self.usable(c):
+                continue
+            if fb["type"] == "correction":
+                msg, label = assistant_message(fb["correction"]), True
+            else:
+                msg, v = _choice(c, 0), fb["value"]
+                if fb["type"] == "thumbs":
+                    label = v == 1
+                elif v >= cfg.rating_desirable_min or v <= cfg.rating_undesirable_max:
+                    label = v >= cfg.rating_desirable_min
+                else:
+                    self.drop("rating_neutral")
+                    continue
+            if msg is None:
+                self.drop("unusable_completion")
+                continue
+            self.add([fb], fb["type"], _prompt(c), completion=[msg], label=label)
+
+    # ------------------------------------------------------------ policy
+
+    def finish(self) -> tuple[list[dict], list[dict]]:
+        cfg, kind = self.cfg, self.cfg.kind
+        exs = sorted(self.examples, key=lambda e: e.order)
+        for e in exs:
+            e.key = _canon({k: e.row[k] for k in TRL_COLUMNS[kind]})
+        if cfg.dedupe:
+            seen, kept = set(), []
+            for e in exs:  # the oldest copy stays
+                if e.key in seen:
+                    self.drop("duplicate")
+                else:
+                    seen.add(e.key)
+                    kept.append(e)
+            exs = kept
+        if cfg.max_length is not None:
+            kept = []
+            for e in exs:
+                r = e.row
+                sides = [r["chosen"], r["rejected"]] if kind == "dpo" else [r["completion"]]
+                n = max(self.length(r["prompt"] + s, r["tools"], r["chat_template_kwargs"]) for s in sides)
+                if n > cfg.max_length:
+                    self.drop("too_long")
+                else:
+                    kept.append(e)
+            exs = kept
+        exs = self.cap(exs)
+        train = [e.row for e in exs if _bucket(e.row["conversation_hash"], cfg.split_salt) >= cfg.eval_percent]
+        eval_ = [e.row for e in exs if _bucket(e.row["conversation_hash"], cfg.split_salt) < cfg.eval_percent]
+        return train, eval_
+
+    def cap(self, exs: list[_Ex]) -> list[_Ex]:
+        cfg = self.cfg
+        limits = []
+        if cfg.max_per_caller is not None:
+            limits.append(cfg.max_per_caller)
+        if cfg.max_caller_fraction is not None:
+            limits.append(max(1, math.floor(cfg.max_caller_fraction * len(exs))))
+        if not limits:
+            return exs
+        limit = min(limits)
+        by_caller: dict[str, list[_Ex]] = defaultdict(list)
+        for e in exs:
+            by_caller[e.row["caller"]].append(e)
+        keep: set[int] = set()
+        for items in by_caller.values():
+            # Hash order, not time order: a capped caller contributes a sample
+            # spread over their history, the same one on every run.
+            ranked = sorted(items, key=lambda e: hashlib.sha256(f"{cfg.split_salt}:{e.key}".encode()).hexdigest())
+            keep.update(id(e) for e in ranked[:limit])
+            self.drop("caller_cap", max(0, len(items) - limit))
+        return [e for e in exs if id(e) in keep]
+
+
+def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any = None) -> DatasetBuild:
+    """Build a DPO or KTO dataset from ``store`` (a serve.store.Store) per ``config``.
+
+    ``tokenizer`` (optional, with ``apply_chat_template``) makes ``max_length``
+    count real tokens of the rendered chat instead of the chars/4 estimate.
+    """
+    cfg = config or DatasetConfig()
+    b = _Builder(cfg, tokenizer_length(tokenizer) if tokenizer is not None else char_length)
+    fbs = b.select(store.iter_feedback_with_completions(since=cfg.since))
+    (b.dpo if cfg.kind == "dpo" else b.kto)(fbs)
+    train, eval_ = b.finish()
+    rows = train + eval_
+    stats: dict[str, Any] = {
+        "kind": cfg.kind, "feedback_seen": b.seen, "train": len(train), "eval": len(eval_),
+        "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
+        "per_caller": dict(sorted(Counter(r["caller"] for r in rows).items())),
+        "dropped": dict(sorted(b.dropped.items())),
+    }
+    weights = (1.0, 1.0)
+    if cfg.kind == "kto":
+        n_d = sum(r["label"] for r in train)
+        stats.update(desirable=n_d, undesirable=len(train) - n_d)
+        weights = kto_weights(n_d, len(train) - n_d)
+    ids = sorted({i for r in rows for i in r["feedback_ids"]})
+    return DatasetBuild(kind=cfg.kind, train=train, eval=eval_, stats=stats, dataset_ids=ids,
+                        config=json.loads(json.dumps(asdict(cfg))),  # JSON-shaped: survives to_jsonl
+                        desirable_weight=weights[0], undesirable_weight=weights[1])
