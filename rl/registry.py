@@ -41,7 +41,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -143,7 +143,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > size - 8 or n > 100 << 20:
-            raise AdapterInvalid(path.parent, f"{path.name} is truncated or corrupt (header of {n} bytes, file of {size})")
+            raise AdapterInvalid(path.parent,
+                                 f"{path.name} is truncated or corrupt (header of {n} bytes, file of {size})")
         try:
             header = json.loads(fh.read(n))
         except ValueError as exc:
@@ -168,9 +169,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, start
 
 
-def _tensor_values(path: Path, start: int, t: dict) -> np.ndarray:
+def _tensor_values(data: np.ndarray, start: int, t: dict) -> np.ndarray:
+    """A tensor's values as a flat float array, from the file mapped as bytes."""
     a, b = t["data_offsets"]
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + a, shape=(b - a,)) if b > a else np.zeros(0, np.uint8)
+    raw = data[start + a:start + b]
     if t["dtype"] == "BF16":  # numpy has no bfloat16: widen the bits into float32
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     return raw.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[t["dtype"]])
@@ -233,6 +235,7 @@ def validate_adapter(path: Path | str, *, max_rank: int = DEFAULT_MAX_RANK,
             base_shapes, n_layers = _projection_shapes(base_cfg), base_cfg.get("num_hidden_layers")
 
     modules: dict[str, dict[str, list[int]]] = {}
+    data = np.memmap(w_path, dtype=np.uint8, mode="r")
     for name, t in header.items():
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
         if not m:
@@ -241,7 +244,7 @@ def validate_adapter(path: Path | str, *, max_rank: int = DEFAULT_MAX_RANK,
         if ab in modules.setdefault(module, {}):
             raise AdapterInvalid(path, f"module {module!r} has two lora_{ab} tensors")
         modules[module][ab] = t["shape"]
-        if not np.isfinite(_tensor_values(w_path, start, t)).all():
+        if not np.isfinite(_tensor_values(data, start, t)).all():
             raise AdapterInvalid(path, f"tensor {name!r} has NaN or infinite values")
 
     for module, ab in sorted(modules.items()):
@@ -395,12 +398,17 @@ class AdapterRegistry:
             return False
 
     def gc(self) -> list[Path]:
-        """Remove temp folders whose owner process is gone; returns what was removed."""
+        """Remove temp folders whose owner process is gone, and manifest temp files of
+        interrupted rewrites (those are only written under the lock we hold); returns what went."""
         removed = []
         with self._lock():
             for p in self.root.glob(f"{TMP_PREFIX}*"):
                 if p.is_dir() and self._tmp_dead(p):
                     shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+            for p in self.root.glob(f"v*/.{MANIFEST}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
                     removed.append(p)
         return removed
 

@@ -10,13 +10,14 @@ configured every admin route is refused (403) rather than open.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from .chat import parse_body
-from .errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, PermissionDenied
+from .errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied
 
 router = APIRouter(prefix="/admin")
 
@@ -77,3 +78,44 @@ async def canary(request: Request):
     if isinstance(share, bool) or not isinstance(share, (int, float)):
         raise InvalidRequest("'share' must be a number between 0 and 1.", param="share")
     return await _manager(request).set_canary(_version(body, required=share > 0), float(share))
+
+
+@router.post("/train", dependencies=[Depends(require_admin)])
+async def train(request: Request):
+    """Start one full iteration now: dataset, training, gate, and promotion unless promote=false."""
+    body = await _body(request)
+    promote = body.get("promote", True)
+    if not isinstance(promote, bool):
+        raise InvalidRequest("'promote' must be true or false.", param="promote")
+    method = body.get("method")
+    if method is not None and method not in ("dpo", "kto"):
+        raise InvalidRequest("'method' must be 'dpo' or 'kto'.", param="method")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("'params' must be an object.", param="params")
+    run = await request.app.state.gw.loop.start(trigger="admin", method=method, promote=promote, params=params)
+    return {"id": run["id"], "object": "training_run", "status": run["status"]}
+
+
+def _run_view(run: dict, metrics: list[dict] | None = None) -> dict:
+    out = {"object": "training_run", **run}
+    out.pop("owner", None)
+    if metrics is not None:
+        out["metrics"] = metrics
+    return out
+
+
+@router.get("/runs", dependencies=[Depends(require_admin)])
+async def list_runs(request: Request, limit: int = 20):
+    store = request.app.state.gw.store
+    runs = await asyncio.to_thread(store.list_runs, limit=max(1, min(limit, 200)))
+    return {"object": "list", "data": [_run_view(r) for r in runs]}
+
+
+@router.get("/runs/{run_id}", dependencies=[Depends(require_admin)])
+async def get_run(request: Request, run_id: str):
+    store = request.app.state.gw.store
+    run = await asyncio.to_thread(store.get_run, run_id)
+    if run is None:
+        raise NotFound(f"No training run {run_id!r}.", param="run_id", code="run_not_found")
+    return _run_view(run, await asyncio.to_thread(store.run_metrics, run_id))

@@ -56,6 +56,7 @@ class Gateway:
         self.boot = None  # serve.boot.Boot when the gateway starts engines itself
         self.adapters = None  # serve.adapters.AdapterManager once the base model is known
         self.base_model: str | None = None
+        self.loop = None  # serve.loop.LoopRunner
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> None:
@@ -66,6 +67,10 @@ class Gateway:
     async def start(self) -> None:
         self.store = Store(self.settings.db_url)
         self.writer = LogWriter(self.store, maxsize=self.settings.log_queue_size)
+        from .loop import LoopRunner  # rl.loop: stdlib + registry, no torch
+
+        self.loop = LoopRunner(self)
+        await asyncio.to_thread(self.loop.recover)
         if self._injected is not None:
             self.pool = EnginePool(self._injected)
         else:
@@ -76,8 +81,12 @@ class Gateway:
         await self.pool.start()
         if self.boot is not None:
             self.spawn(self.boot.run())
+        if self.settings.loop_enabled:
+            self.loop.start_scheduler()
 
     async def stop(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop()
         if self.boot is not None:
             await self.boot.stop()
         if self.pool is not None:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, description="Seconds before an engine request is abandoned.")
     health_interval: float = Field(2.0, description="Seconds between engine health checks.")
     admin_key: str | None = Field(None, description="Bearer key for /admin endpoints (AGENTLOOP_ADMIN_KEY).")
+    loop_enabled: bool = Field(False, description="Run the learning loop's scheduler inside the gateway.")
+    loop_check_seconds: float = Field(60.0, description="How often the scheduler looks for new feedback.")
+    loop_min_new_feedback: int = Field(32, description="New feedback items that trigger a training run.")
+    loop_period_seconds: float = Field(86400.0, description="Also train after this long if any feedback is new.")
+    loop_method: str = Field("dpo", description="Training method of scheduled runs: dpo or kto.")
+    loop_params: dict = Field(default_factory=dict, description="LoopConfig overrides (JSON), e.g. gate settings.")
 
     @field_validator("alias")
     @classmethod
@@ -63,6 +69,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"engine url must start with http:// or https://: {url!r}")
             out.append(url.rstrip("/"))
         return out
+
+    def loop_defaults(self):
+        from rl.loop import LoopConfig
+
+        return LoopConfig.from_params({"method": self.loop_method, "min_new_feedback": self.loop_min_new_feedback,
+                                       "period_seconds": self.loop_period_seconds, **self.loop_params})
 
     @property
     def db_url(self) -> str:

@@ -51,6 +51,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from .store_feedback import FeedbackStore, m002_feedback
+from .store_runs import RunStore, m003_runs
 
 logger = logging.getLogger("agentloop.store")
 
@@ -115,6 +116,7 @@ def m001_completions(conn: Connection) -> None:
 
 
 migration(m002_feedback)  # defined with the rest of the feedback SQL
+migration(m003_runs)  # training runs and their metrics (serve/store_runs.py)
 
 
 # ---------------------------------------------------------------- store
@@ -168,7 +170,7 @@ def _decode(mapping: Any) -> dict[str, Any]:
     return row
 
 
-class Store(FeedbackStore):
+class Store(FeedbackStore, RunStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
     def __init__(self, url: str):

@@ -240,8 +240,12 @@ def test_leftover_temp_dirs_are_ignored_and_collected(reg, base, tmp_path):
     assert [m.version for m in reg.list()] == ["v0000"]
     assert reg.next_version() == "v0001"
 
+    torn = reg.root / "v0000" / ".manifest.json.abc123.tmp"  # a rewrite killed before os.replace
+    torn.write_text('{"version": "v00')
+    assert reg.get("v0000").status == "live"  # the real manifest is untouched
+
     removed = reg.gc()
-    assert removed == [stale] and not stale.exists()
+    assert sorted(removed) == sorted([stale, torn]) and not stale.exists() and not torn.exists()
     assert host_tmp.exists()  # a live process's work is left alone
     host_tmp.rmdir()
     assert commit(reg, adapter(base, tmp_path / "a1"), base).version == "v0001"

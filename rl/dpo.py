@@ -1,0 +1,62 @@
+"""DPO on preference pairs: `DPOJobConfig` + `train_dpo`, a LoRA trained with TRL's DPOTrainer.
+
+Owns: the DPO-specific config (loss type and its checks) and the mapping of
+it onto `trl.DPOConfig`; everything shared (data, model, metrics, checks,
+saving) is rl/common.py.
+
+Rows: {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant
+msg], "tools": [...] | None, "chat_template_kwargs": {...}?}; assistant
+messages may carry `tool_calls` (arguments as JSON text or dict) and
+`reasoning_content`.
+
+Reference policy: DPO's reference must be the policy training starts from.
+  * fresh LoRA: we pass a `peft_config`; TRL wraps the base and computes the
+    reference with the adapter disabled -- the base, which a LoRA with B = 0
+    equals exactly;
+  * continuing the live adapter: we pass the `PeftModel` and no `ref_model`;
+    TRL 1.16 then adds a frozen adapter "ref", a copy of "default", and
+    computes reference log-probs through it (`use_adapter(model, "ref")`).
+    So the reference is the live adapter, as it must be, at the cost of one
+    extra LoRA in memory. (Disabling the adapter would measure against the
+    bare base; merging the live adapter and training a new LoRA on top would
+    give a delta the engine cannot serve against the base.) run_training
+    checks that "ref" is unchanged afterwards and saves only "default".
+Invariant: returns only after the adapter in cfg.output_dir changed and validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rl.common import LoraJobConfig, OnLog, TrainResult, _help, run_training
+
+__all__ = ["DPOJobConfig", "train_dpo", "DPO_LOSSES"]
+
+# The paired losses of trl.DPOConfig.loss_type that need no extra inputs.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm", "discopop")
+
+
+@dataclass
+class DPOJobConfig(LoraJobConfig):
+    loss_type: str = _help("DPO loss variant (trl.DPOConfig.loss_type); 'sigmoid' is the DPO paper's.",
+                           "sigmoid", choices=list(DPO_LOSSES))
+    label_smoothing: float = _help("Assumed probability that a preference label is flipped (cDPO/robust), "
+                                   "in [0, 0.5).", 0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in DPO_LOSSES:
+            raise ValueError(f"DPOJobConfig: loss_type {self.loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOJobConfig: label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] | None = None, *,
+              on_log: OnLog | None = None) -> TrainResult:
+    """Train a DPO LoRA on `train_rows`; `on_log(step, metrics)` is called once per optimizer step."""
+    from trl import DPOConfig, DPOTrainer
+
+    return run_training("dpo", cfg, DPOTrainer, DPOConfig,
+                        {"loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing},
+                        train_rows, eval_rows, on_log)

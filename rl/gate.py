@@ -1,0 +1,138 @@
+"""The gate a candidate adapter must pass before it may serve users.
+
+Two checks, both against the version that is live now:
+1. Preference accuracy on held-out feedback pairs: the share of pairs where
+   the adapter's implicit reward margin is positive, i.e.
+   [log p(chosen) - log p(rejected)] under the adapter minus the same under
+   the base model (DPO's implicit reward with the base as reference). The base
+   itself scores 0 by definition. The candidate must beat the live version by
+   `min_accuracy_gain`.
+2. Tool-call validity on a fixed regression set, through the real engine: the
+   share of forced tool calls that name an offered tool and whose arguments
+   validate against its schema. It must not drop by more than `max_validity_drop`.
+
+`preference_accuracy` needs torch and runs in its own process
+(`python -m rl.gate <spec.json>`), never in the gateway's event loop;
+`tool_validity` only needs a chat callable (the gateway passes its engine pool).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REGRESSION_SET = Path(__file__).with_name("regression_tools.json")
+
+
+@dataclass
+class GateConfig:
+    min_accuracy_gain: float = field(default=0.1, metadata={
+        "help": "Candidate preference accuracy must exceed the live version's by at least this much (0..1)."})
+    min_eval_pairs: int = field(default=2, metadata={
+        "help": "Fewest held-out preference pairs for the preference check to count; fewer rejects the candidate."})
+    max_validity_drop: float = field(default=0.0, metadata={
+        "help": "How much tool-call validity (0..1) may drop against the live version."})
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_accuracy_gain <= 1.0:
+            raise ValueError("min_accuracy_gain must be in [-1, 1]")
+        if self.min_eval_pairs < 1:
+            raise ValueError("min_eval_pairs must be >= 1")
+        if not 0.0 <= self.max_validity_drop <= 1.0:
+            raise ValueError("max_validity_drop must be in [0, 1]")
+
+
+def preference_accuracy(base_model: str, template: str, rows: list[dict], adapters: dict[str, str | None]) -> dict:
+    """{name: {"accuracy", "mean_margin", "n"}} for each adapter folder (None = the base)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rl.common import load_tokenizer, preference_margins
+
+    tok = load_tokenizer(base_model, template)
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    base.eval()
+    base_margins = preference_margins(base, tok, template, rows)
+    out: dict[str, dict] = {}
+    model = None
+    for name, path in adapters.items():
+        if path is None:
+            margins = [0.0] * len(rows)
+        else:
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(path, adapter_name=name, is_trainable=False)
+            model.set_adapter(name)
+            model.eval()
+            margins = [m - b for m, b in zip(preference_margins(model, tok, template, rows), base_margins)]
+        out[name] = {"accuracy": sum(m > 0 for m in margins) / len(margins) if margins else 0.0,
+                     "mean_margin": sum(margins) / len(margins) if margins else 0.0, "n": len(margins)}
+    return out
+
+
+def _valid(call: dict, tools: list[dict]) -> bool:
+    import jsonschema
+
+    by_name = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+    fn = call.get("function") or {}
+    if fn.get("name") not in by_name:
+        return False
+    try:
+        args = json.loads(fn.get("arguments") or "")
+        jsonschema.validate(args, by_name[fn["name"]])
+    except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+        return False
+    return isinstance(args, dict)
+
+
+def load_regression_set(path: Path | None = None) -> list[dict]:
+    return json.loads((path or REGRESSION_SET).read_text())
+
+
+async def tool_validity(chat: Callable[[dict], Awaitable[dict]], model: str, cases: list[dict],
+                        max_tokens: int = 96) -> dict:
+    """Share of forced tool calls that are valid, for one served adapter name."""
+    valid = 0
+    for case in cases:
+        body = {"model": model, "messages": case["messages"], "tools": case["tools"], "tool_choice": "required",
+                "temperature": 0, "max_tokens": max_tokens}
+        resp = await chat(body)
+        calls = ((resp.get("choices") or [{}])[0].get("message") or {}).get("tool_calls") or []
+        valid += bool(calls) and all(_valid(c, case["tools"]) for c in calls)
+    return {"validity": valid / len(cases) if cases else 1.0, "n": len(cases)}
+
+
+def decide(cfg: GateConfig, pref: dict, tools: dict) -> tuple[bool, str]:
+    cand, live = pref["candidate"], pref["live"]
+    if cand["n"] < cfg.min_eval_pairs:
+        return False, f"only {cand['n']} held-out preference pairs (< {cfg.min_eval_pairs})"
+    gain = cand["accuracy"] - live["accuracy"]
+    if gain < cfg.min_accuracy_gain:
+        return False, (f"preference accuracy {cand['accuracy']:.2f} does not beat live {live['accuracy']:.2f} "
+                       f"by {cfg.min_accuracy_gain:.2f}")
+    drop = tools["live"]["validity"] - tools["candidate"]["validity"]
+    if drop > cfg.max_validity_drop:
+        return False, (f"tool-call validity fell from {tools['live']['validity']:.2f} to "
+                       f"{tools['candidate']['validity']:.2f}")
+    return True, (f"preference accuracy {cand['accuracy']:.2f} vs live {live['accuracy']:.2f}; "
+                  f"tool-call validity {tools['candidate']['validity']:.2f} vs {tools['live']['validity']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rl.gate spec.json`: spec {base_model, template, rows (JSONL path), adapters}."""
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    rows = [json.loads(line) for line in Path(spec["rows"]).read_text().splitlines() if line.strip()]
+    result = preference_accuracy(spec["base_model"], spec.get("template", "chatml-tools"), rows, spec["adapters"])
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

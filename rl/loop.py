@@ -1,0 +1,201 @@
+"""One iteration of the learning loop: feedback -> dataset -> training job -> gate -> promotion.
+
+The orchestration only: datasets come from rl/datasets.py, training runs as
+its own process (rl/job.py), the preference check runs as its own process
+(rl/gate.py), and everything that touches the serving engines goes through
+`LoopHooks` (the gateway implements them in serve/loop.py). Nothing here
+imports fastapi, and nothing heavy runs on the caller's event loop: blocking
+work is in subprocesses or worker threads.
+
+Invariants:
+- every state change of a run is written to the store (status, dataset
+  stats, per-step metrics, gate numbers, reason), so a run is inspectable
+  and a restart sees the truth;
+- a candidate that fails the gate is kept in the registry as `rejected` with
+  its numbers and nothing changes for users; only a passing candidate of a
+  run asked to promote becomes live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rl.datasets import DatasetConfig, build_dataset
+from rl.gate import GateConfig, decide, load_regression_set, tool_validity
+from rl.job import read_events, start_job
+from rl.registry import AdapterRegistry
+
+log = logging.getLogger("agentloop.loop")
+
+
+@dataclass
+class LoopConfig:
+    method: str = field(default="dpo", metadata={"help": "'dpo' or 'kto'."})
+    min_train_examples: int = field(default=4, metadata={"help": "Fewer training examples than this: no run."})
+    eval_percent: int = field(default=20, metadata={"help": "Share of conversations held out for the gate (0..100)."})
+    max_caller_fraction: float | None = field(default=None, metadata={
+        "help": "At most this share of a training set may come from one caller (poisoning defence)."})
+    exclude_callers: tuple[str, ...] = field(default=(), metadata={"help": "Callers never trained on (untrusted)."})
+    train: dict = field(default_factory=dict, metadata={"help": "Overrides of the DPO/KTO job config."})
+    gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "The promotion gate."})
+    min_new_feedback: int = field(default=32, metadata={"help": "Scheduler: new feedback that triggers a run."})
+    period_seconds: float = field(default=24 * 3600, metadata={
+        "help": "Scheduler: also run when this much time passed since the last run and any feedback is new."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, dict):
+            self.gate = GateConfig(**self.gate)
+        if self.method not in ("dpo", "kto"):
+            raise ValueError("method must be 'dpo' or 'kto'")
+        if not 0 <= self.eval_percent <= 100:
+            raise ValueError("eval_percent must be in [0, 100]")
+        if self.min_train_examples < 1:
+            raise ValueError("min_train_examples must be >= 1")
+        self.exclude_callers = tuple(self.exclude_callers)
+
+    @classmethod
+    def from_params(cls, params: dict | None, base: "LoopConfig | None" = None) -> "LoopConfig":
+        d = asdict(base or cls())
+        unknown = set(params or {}) - set(d)
+        if unknown:
+            raise ValueError(f"unknown loop parameter(s): {sorted(unknown)}")
+        d.update(params or {})
+        return cls(**d)
+
+
+class LoopHooks(Protocol):
+    """What an iteration needs from the serving side."""
+
+    def live_version(self) -> str: ...
+    async def load_candidate(self, version: str) -> str: ...   # returns the served name
+    async def unload(self, name: str) -> None: ...
+    async def chat(self, body: dict) -> dict: ...
+    async def promote(self, version: str, reason: str) -> None: ...
+
+
+class Iteration:
+    def __init__(self, store, registry: AdapterRegistry, *, base_model: str, template: str, hooks: LoopHooks,
+                 config: LoopConfig, work_dir: Path):
+        self.store = store
+        self.registry = registry
+        self.base_model = base_model
+        self.template = template
+        self.hooks = hooks
+        self.cfg = config
+        self.work_dir = Path(work_dir)
+
+    async def run(self, run: dict) -> dict:
+        run_id = run["id"]
+        try:
+            return await self._run(run)
+        except asyncio.CancelledError:
+            self.store.update_run(run_id, status="failed", reason="cancelled (the gateway stopped)")
+            raise
+        except Exception as e:
+            log.exception("run %s failed", run_id)
+            return self.store.update_run(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
+
+    async def _run(self, run: dict) -> dict:
+        run_id, cfg = run["id"], self.cfg
+        self.store.update_run(run_id, status="running")
+        work = self.work_dir / run_id
+        # 1. The datasets: training data for the chosen method, and preference pairs for the gate.
+        common = dict(eval_percent=cfg.eval_percent, max_caller_fraction=cfg.max_caller_fraction,
+                      exclude_callers=cfg.exclude_callers)
+        build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(kind=cfg.method, **common))
+        pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
+            build_dataset, self.store, DatasetConfig(kind="dpo", **common))
+        files = build.to_jsonl(work / "data")
+        gate_files = pairs.to_jsonl(work / "gate") if pairs is not build else files
+        dataset = {"kind": cfg.method, "train": len(build.train), "eval": len(build.eval),
+                   "gate_pairs": len(pairs.eval), "stats": build.stats, "feedback_ids": len(build.dataset_ids)}
+        self.store.update_run(run_id, dataset=dataset)
+        if len(build.train) < cfg.min_train_examples:
+            return self.store.update_run(run_id, status="failed", reason=(
+                f"not enough training data: {len(build.train)} examples (< {cfg.min_train_examples})"))
+
+        # 2. Training, in its own process; the candidate lands in the registry only on success.
+        live = self.hooks.live_version()
+        spec = {"method": cfg.method, "registry": str(self.registry.root), "base_model": self.base_model,
+                "dataset": str(files["train"]), "parent": live, "template": self.template,
+                "config": dict(cfg.train), "dataset_ids": build.dataset_ids, "reason": f"trained by {run_id}"}
+        if cfg.method == "kto":
+            spec["config"].setdefault("desirable_weight", build.desirable_weight)
+            spec["config"].setdefault("undesirable_weight", build.undesirable_weight)
+        self.store.update_run(run_id, parent=live, params={**(run.get("params") or {}), "job": spec["config"]})
+        version, result = await self._train(run_id, spec, work)
+        if version is None:
+            return self.store.update_run(run_id, status="failed", reason=result.get("error", "training failed"))
+        self.store.update_run(run_id, version=version, result=result)
+
+        # 3. The gate.
+        cand_name = await self.hooks.load_candidate(version)
+        try:
+            gate = await self._gate(work, gate_files["eval"], live, version, cand_name)
+        except Exception:
+            await self.hooks.unload(cand_name)
+            raise
+        passed, reason = gate["passed"], gate["reason"]
+        self.store.update_run(run_id, gate=gate)
+        if not passed:
+            await self.hooks.unload(cand_name)
+            self.registry.set_status(version, "rejected", reason)
+            return self.store.update_run(run_id, status="rejected", reason=reason)
+        if not run.get("promote", True):
+            await self.hooks.unload(cand_name)
+            self.registry.set_status(version, "candidate", f"passed the gate, not promoted: {reason}")
+            return self.store.update_run(run_id, status="passed", reason=f"gate passed; not promoted ({reason})")
+        await self.hooks.promote(version, f"{run_id}: {reason}")
+        return self.store.update_run(run_id, status="promoted", reason=reason)
+
+    async def _train(self, run_id: str, spec: dict, work: Path) -> tuple[str | None, dict]:
+        work.mkdir(parents=True, exist_ok=True)
+        proc = start_job(spec, log_path=work / "train.log")
+        events = read_events(proc)
+        done: dict = {}
+        try:
+            while True:
+                event = await asyncio.to_thread(next, events, None)
+                if event is None:
+                    break
+                kind = event.get("event")
+                if kind == "step":
+                    self.store.add_run_metrics(run_id, event["step"], event.get("metrics") or {})
+                elif kind in ("done", "failed"):
+                    done = event
+        except asyncio.CancelledError:
+            proc.terminate()  # the job cleans up its temp folder and commits nothing
+            raise
+        if done.get("event") != "done":
+            return None, {"error": done.get("error") or "training job ended without a result"}
+        return done["version"], done.get("result") or {}
+
+    async def _gate(self, work: Path, eval_rows: Path, live: str, version: str, cand_name: str) -> dict:
+        cfg = self.cfg.gate
+        live_m, cand_m = self.registry.get(live), self.registry.get(version)
+        # The base adapter (v0000) is the reference itself: its margins are 0 by definition.
+        live_path = None if live_m.parent is None and live_m.version == "v0000" else str(live_m.path)
+        spec = {"base_model": self.base_model, "template": self.template, "rows": str(eval_rows),
+                "adapters": {"live": live_path, "candidate": str(cand_m.path)}}
+        (work / "gate.json").write_text(json.dumps(spec))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rl.gate", str(work / "gate.json"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"gate evaluation failed: {err.decode()[-1500:]}")
+        pref = json.loads(out.decode().strip().splitlines()[-1])
+        cases = load_regression_set()
+        live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
+        tools = {"candidate": await tool_validity(self.hooks.chat, cand_name, cases),
+                 "live": await tool_validity(self.hooks.chat, live_name, cases)}
+        passed, reason = decide(cfg, pref, tools)
+        return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools,
+                "config": asdict(cfg), "at": time.time()}

@@ -1,0 +1,158 @@
+"""Runs learning-loop iterations for the gateway: on admin request or on a schedule.
+
+The iteration itself is rl/loop.py; this module gives it the serving hooks
+(load a candidate into the engines, chat with it, promote it) and decides
+when to start one.
+
+Invariants:
+- at most one training runs at a time, across processes: the store refuses a
+  second active run (serve/store_runs.py), whoever asks;
+- the scheduler's state is the store (the last run's start time is the
+  feedback watermark), so it survives restarts; runs left active by a dead
+  process are marked failed at start-up;
+- iterations run as tasks on the event loop but only await: training and
+  scoring happen in subprocesses, SQL in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from rl.loop import Iteration, LoopConfig
+
+from .errors import AgentloopError, EngineUnavailable, InvalidRequest
+from .store_runs import ActiveRunExists, owner_id
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger("agentloop.loop")
+
+
+class RunConflict(AgentloopError):
+    status = 409
+    type = "invalid_request_error"
+    code = "run_in_progress"
+
+
+def _owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: not ours to judge
+    if owner == owner_id():
+        return False  # this process just started, so it runs nothing yet
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class GatewayHooks:
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+
+    def live_version(self) -> str:
+        return self.gw.router.versions[self.gw.router.live].version
+
+    async def load_candidate(self, version: str) -> str:
+        _, v = await self.gw.adapters._load(version)
+        return v.name
+
+    async def unload(self, name: str) -> None:
+        if name not in (self.gw.router.live, self.gw.router.canary and self.gw.router.canary[0],
+                        self.gw.router.name_of("v0000")):
+            self.gw.router.versions.pop(name, None)
+            await self.gw.adapters._unload_quietly(name)
+
+    async def chat(self, body: dict) -> dict:
+        agen = self.gw.pool.chat({**body, "stream": False})
+        try:
+            return await agen.__anext__()
+        finally:
+            await agen.aclose()
+
+    async def promote(self, version: str, reason: str) -> None:
+        await self.gw.adapters.promote(version, reason=reason)
+
+
+class LoopRunner:
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+        self.task: asyncio.Task | None = None
+        self._scheduler: asyncio.Task | None = None
+
+    def recover(self) -> list[str]:
+        failed = self.gw.store.fail_orphaned_runs(_owner_alive)
+        if failed:
+            log.warning("marked runs interrupted by a restart as failed: %s", failed)
+        return failed
+
+    def config(self, params: dict | None) -> LoopConfig:
+        try:
+            return LoopConfig.from_params(params, self.gw.settings.loop_defaults())
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"Invalid training parameters: {e}", param="params")
+
+    async def start(self, *, trigger: str, method: str | None = None, promote: bool = True,
+                    params: dict | None = None) -> dict:
+        if self.gw.adapters is None or not self.gw.pool.ready:
+            raise EngineUnavailable("The engine is not ready; training needs it for the gate.", retry_after=10)
+        params = dict(params or {})
+        if method is not None:
+            params["method"] = method
+        cfg = self.config(params)
+        try:
+            run = await asyncio.to_thread(self.gw.store.create_run, method=cfg.method, trigger=trigger,
+                                          promote=promote, params=params)
+        except ActiveRunExists as e:
+            raise RunConflict(f"Training run {e.run['id']} is already {e.run['status']}.")
+        it = Iteration(self.gw.store, self.gw.adapters.registry, base_model=self.gw.base_model,
+                       template=self.gw.settings.template, hooks=GatewayHooks(self.gw), config=cfg,
+                       work_dir=self.gw.settings.home / "runs")
+        self.task = asyncio.create_task(it.run(run), name=f"run:{run['id']}")
+        return run
+
+    def start_scheduler(self) -> None:
+        self._scheduler = asyncio.create_task(self._schedule(), name="loop-scheduler")
+
+    async def _schedule(self) -> None:
+        s = self.gw.settings
+        while True:
+            await asyncio.sleep(s.loop_check_seconds)
+            try:
+                await self._maybe_start()
+            except asyncio.CancelledError:
+                raise
+            except AgentloopError as e:
+                log.info("scheduled run not started: %s", e.message)
+            except Exception:
+                log.exception("loop scheduler check failed")
+
+    async def _maybe_start(self) -> None:
+        store, cfg = self.gw.store, self.gw.settings.loop_defaults()
+        if await asyncio.to_thread(store.active_run) is not None:
+            return
+        last = (await asyncio.to_thread(store.list_runs, limit=1) or [None])[0]
+        since = last["created_at"] if last else None
+        new = await asyncio.to_thread(store.count_feedback, since=since)
+        elapsed = time.time() - since if since else float("inf")
+        if new >= cfg.min_new_feedback or (new > 0 and elapsed >= cfg.period_seconds):
+            log.info("starting a scheduled run: %d new feedback", new)
+            await self.start(trigger="scheduler")
+
+    async def stop(self) -> None:
+        for t in (self._scheduler, self.task):
+            if t is not None and not t.done():
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
