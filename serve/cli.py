@@ -1,5 +1,8 @@
 """The `agentloop` command line. Domain errors become exit codes here, nowhere else.
 
+Commands: serve, and the admin commands train, promote, rollback, canary,
+adapters, runs, loop (serve/cli_admin.py).
+
 Invariant: `agentloop serve` with no arguments serves the embedded default
 model on 127.0.0.1; every flag has an AGENTLOOP_* environment twin.
 """
@@ -10,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from .cli_admin import CliError
 from .errors import AgentloopError
 
 
@@ -53,18 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
+
+    from .cli_admin import add_commands
+
+    add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except AgentloopError as e:
         print(f"agentloop: {e.message}", file=sys.stderr)
         return 2
+    except CliError as e:
+        print(f"agentloop: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

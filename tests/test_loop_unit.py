@@ -1,0 +1,45 @@
+"""Loop pieces that need no engine: configs, the gate's decision, run bookkeeping."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rl.gate import GateConfig, decide
+from rl.loop import LoopConfig
+from serve.store import Store
+from serve.store_runs import ActiveRunExists
+
+
+def test_loop_config_checks():
+    cfg = LoopConfig.from_params({"method": "kto", "gate": {"min_accuracy_gain": 0.2}})
+    assert cfg.method == "kto" and cfg.gate.min_accuracy_gain == 0.2
+    for bad in ({"method": "ppo"}, {"eval_percent": 101}, {"nonsense": 1}, {"gate": {"min_eval_pairs": 0}}):
+        with pytest.raises((ValueError, TypeError)):
+            LoopConfig.from_params(bad)
+
+
+def test_gate_decision():
+    cfg = GateConfig(min_accuracy_gain=0.1, min_eval_pairs=2)
+    pref = {"candidate": {"accuracy": 0.8, "n": 5}, "live": {"accuracy": 0.5, "n": 5}}
+    tools = {"candidate": {"validity": 1.0}, "live": {"validity": 1.0}}
+    assert decide(cfg, pref, tools)[0]
+    assert not decide(cfg, {**pref, "candidate": {"accuracy": 0.55, "n": 5}}, tools)[0]
+    assert "held-out" in decide(cfg, {**pref, "candidate": {"accuracy": 1.0, "n": 1}}, tools)[1]
+    ok, reason = decide(cfg, pref, {"candidate": {"validity": 0.5}, "live": {"validity": 1.0}})
+    assert not ok and "validity" in reason
+
+
+def test_one_active_run_and_orphans(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    run = store.create_run(method="dpo", trigger="admin")
+    with pytest.raises(ActiveRunExists):
+        store.create_run(method="dpo", trigger="scheduler")
+    store.add_run_metrics(run["id"], 1, {"loss": 0.69})
+    assert store.run_metrics(run["id"])[0]["loss"] == 0.69
+    # A run whose owner died is closed at the next start-up, which frees the slot.
+    assert store.fail_orphaned_runs(lambda owner: False) == [run["id"]]
+    assert store.get_run(run["id"])["status"] == "failed"
+    assert store.create_run(method="kto", trigger="admin")["status"] == "queued"
+    assert os.path.exists(tmp_path / "db.sqlite")
