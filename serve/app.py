@@ -243,8 +243,10 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
                 while True:
                     if "error" in chunk and not chunk.get("choices"):
                         err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                        status, error = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500, \
-                            err.get("message")
+                        code = err.get("code")
+                        # vLLM puts the HTTP status it would have used in `code`.
+                        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+                        error = err.get("message")
                         yield f"data: {_dumps(chunk)}\n\n"
                     else:
                         asm.add(chunk)

@@ -260,3 +260,19 @@ def test_metrics_count_requests(client, server):
     text = httpx.get(f"{server.url}/metrics").text
     assert 'agentloop_requests_total{model="agentloop",status="200",version="v0000"}' in text
     assert "agentloop_time_to_first_token_seconds_bucket" in text
+
+
+def test_empty_arguments_are_kept(client, server):
+    """A call with no arguments comes back as "{}" (vLLM parsers have dropped it), streamed or not."""
+    no_args = {"type": "function", "function": {"name": "get_time", "description": "Current time.",
+                                                "parameters": {"type": "object", "properties": {}}}}
+    s = script(server, "weather_paris")
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    for stream in (False, True):
+        r = client.chat.completions.create(model="agentloop", messages=s["messages"], tools=[no_args, *s["tools"]],
+                                           tool_choice=choice, temperature=0, max_tokens=32, stream=stream)
+        if stream:
+            calls = [(c["name"], c["arguments"]) for c in collect(r)["calls"]]
+        else:
+            calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+        assert calls and calls[0][0] == "get_time" and json.loads(calls[0][1]) == {}
