@@ -164,12 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stream = _event_stream()
 
+    finished = False
+
     def emit(event: dict) -> None:
+        nonlocal finished
         stream.write(json.dumps(event, default=str) + "\n")
         stream.flush()
+        finished = finished or event["event"] == "done"
 
     def on_signal(signum, frame):
-        raise JobTerminated(signum)
+        # After "done" (a stop request held back during the commit lands here), only
+        # cleanup is left: finish it rather than report a committed version as failed.
+        if not finished:
+            raise JobTerminated(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -222,7 +229,9 @@ def start_job(spec: dict, *, log_path: str | Path | None = None, env: dict | Non
 
 def read_events(proc: subprocess.Popen) -> Iterator[dict[str, Any]]:
     """Yield the job's events until it exits. If it ends without a "done"/"failed" event
-    (e.g. SIGKILL), a final {"event": "failed", "error": "...exit code..."} is yielded."""
+    (e.g. SIGKILL), a final {"event": "failed", "error": "...exit code..."} is yielded.
+    The events are authoritative: "done" means the version exists, even if a stop request
+    that raced the exit leaves a non-zero returncode."""
     final = False
     for line in proc.stdout:
         line = line.strip()

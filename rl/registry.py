@@ -3,10 +3,11 @@
 Owns: the folders `<root>/vNNNN/` (each `adapter_config.json`,
 `adapter_model.safetensors`, `manifest.json`), the validation of an adapter
 folder before it may become a version, and the status of every version
-(`candidate` -> `live` | `rejected`, `live` -> `retired`). The pattern is
-OpenPipe ART's numbered checkpoint folders: training writes elsewhere, a
-finished adapter appears here in one `os.rename`, and which version serves is
-a field swapped in one place.
+(`candidate`, `live`, `rejected`, `retired`; usually candidate -> live or
+rejected, live -> retired when superseded, any -> live for a rollback).
+The pattern is OpenPipe ART's numbered checkpoint folders: training writes
+elsewhere, a finished adapter appears here in one `os.rename`, and which
+version serves changes in one call, `set_status(v, "live")`.
 
 Invariants:
   * A `vNNNN` folder exists only complete and valid: it is assembled in a
