@@ -98,7 +98,7 @@ class Load:
 async def run(url: str, home: Path, args) -> dict:
     versions = ["v0000", make_version(home)]
     load = Load(url)
-    latencies = []
+    latencies, calls = [], []
     async with httpx.AsyncClient(timeout=300) as client:
         workers = [asyncio.create_task(load.worker(client)) for _ in range(args.concurrency)]
         await asyncio.sleep(2)
@@ -107,6 +107,7 @@ async def run(url: str, home: Path, args) -> dict:
             t0 = time.monotonic()
             r = await client.post(f"{url}/admin/promote", json={"version": target}, headers=AUTH)
             r.raise_for_status()
+            calls.append(time.monotonic() - t0)
             name = f"agentloop@{target}"
             while not any(t >= t0 and m == name for t, m, _ in load.seen[-64:]):
                 await asyncio.sleep(0.005)
@@ -122,7 +123,7 @@ async def run(url: str, home: Path, args) -> dict:
     wrong_log = sum(1 for _, m, cid in load.seen if logged.get(cid) not in (None, m))
     missing = sum(1 for _, _, cid in load.seen if cid not in logged)
     return {"ok": load.ok, "failed": load.failed, "mixups": load.mixups + wrong_log, "missing_log": missing,
-            "latencies": latencies}
+            "latencies": latencies, "calls": calls}
 
 
 def main() -> None:
@@ -144,6 +145,8 @@ def main() -> None:
           f"{args.pause}s apart")
     print(f"requests: {res['ok']} completed, {res['failed']} failed, {res['mixups']} version mix-ups, "
           f"{res['missing_log']} without a log row")
+    print(f"promote call itself (verify, load into the engine, flip): p50 {pct(res['calls'], 50)*1000:.1f} ms, "
+          f"p99 {pct(res['calls'], 99)*1000:.1f} ms")
     print(f"promotion latency (promote call -> first response on the new version): "
           f"p50 {pct(lat, 50)*1000:.1f} ms, p99 {pct(lat, 99)*1000:.1f} ms, max {max(lat)*1000:.1f} ms")
 
