@@ -4,22 +4,59 @@ Thin: each route checks the admin key, parses its body, and calls the one
 place that does the work (serve/adapters.py for versions, the loop for runs).
 
 Invariant: every route requires `Authorization: Bearer <AGENTLOOP_ADMIN_KEY>`,
-compared in constant time; user keys never pass, and with no admin key
-configured every admin route is refused (403) rather than open.
+compared in constant time, or the dashboard's session cookie (below); user
+keys never pass, and with no admin key configured every admin route is
+refused (403) rather than open.
+
+Session cookie (for people; scripts use the header): `POST /admin/login` with
+the admin key sets `agentloop_admin` = "<expiry>.<HMAC-SHA256(admin key,
+expiry)>", HttpOnly, SameSite=Strict, Path=/admin. Nothing is stored server
+side: changing the admin key ends every session; a cookie is good until its
+expiry. A Bearer header, when sent, decides alone (a script's wrong key is
+never rescued by a browser cookie), and a cookie-authenticated write must come
+from the gateway's own origin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from .chat import parse_body
 from .errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied
 
 router = APIRouter(prefix="/admin")
+
+SESSION_COOKIE = "agentloop_admin"
+SESSION_SECONDS = 12 * 3600
+
+
+def session_token(key: str, expires: int) -> str:
+    """The cookie value for a session ending at `expires` (epoch seconds)."""
+    mac = hmac.new(key.encode(), f"agentloop-admin-session:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def session_valid(value: str | None, key: str, now: float | None = None) -> bool:
+    expires, _, _ = (value or "").partition(".")
+    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(value.encode(), session_token(key, int(expires)).encode())
+
+
+def _same_origin(request: Request) -> bool:
+    # SameSite=Strict keeps other sites' requests cookie-less, but "site" ignores
+    # the port: a page on another localhost port is same-site. Browsers send
+    # Origin on every cross-origin write, so a foreign one is refused.
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def require_admin(request: Request) -> None:
@@ -28,8 +65,57 @@ def require_admin(request: Request) -> None:
         raise PermissionDenied("Admin endpoints are disabled: set AGENTLOOP_ADMIN_KEY to enable them.")
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    if not token or not hmac.compare_digest(token.encode(), key.encode()):
-        raise AuthenticationFailed("A valid admin key is required (Authorization: Bearer <admin key>).")
+    if token and hmac.compare_digest(token.encode(), key.encode()):
+        return
+    if not token and session_valid(request.cookies.get(SESSION_COOKIE), key):
+        if request.method in ("GET", "HEAD") or _same_origin(request):
+            return
+        raise PermissionDenied("Cross-origin admin requests are refused.")
+    raise AuthenticationFailed("A valid admin key is required (Authorization: Bearer <admin key>, "
+                               "or log in at /admin).")
+
+
+async def _login_key(request: Request) -> tuple[str, bool]:
+    """The key a login request carries, and whether the caller wants JSON back."""
+    raw = await request.body()
+    if len(raw) > 4096:  # a key, not a document
+        raise InvalidRequest("The login request is too large.")
+    if "json" in request.headers.get("content-type", ""):
+        body = parse_body(raw)
+        return str(body.get("key") or ""), True
+    return (parse_qs(raw.decode("utf-8", "replace")).get("key") or [""])[0], False
+
+
+@router.post("/login")
+async def login(request: Request):
+    """Exchange the admin key for a session cookie: a form (people) or JSON `{"key"}`."""
+    key = request.app.state.gw.settings.admin_key
+    given, wants_json = await _login_key(request)
+    if not key or not given.strip() or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        message = ("Admin endpoints are disabled: set AGENTLOOP_ADMIN_KEY to enable them." if not key
+                   else "Wrong admin key: access refused.")
+        status = 403 if not key else 401
+        if wants_json:
+            err = PermissionDenied(message) if not key else AuthenticationFailed(message)
+            return JSONResponse(err.to_openai(), status_code=status)
+        from .ui import login_page  # the page lives with the UI; imported late, only for people
+
+        return login_page(request, error=message, status_code=status)
+    expires = int(time.time()) + SESSION_SECONDS
+    resp: Response = (JSONResponse({"object": "admin_session", "expires_at": expires}) if wants_json
+                      else RedirectResponse("/admin", status_code=303))
+    resp.set_cookie(SESSION_COOKIE, session_token(key, expires), max_age=SESSION_SECONDS, path="/admin",
+                    httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    """Forget the session cookie in this browser (other sessions end at their expiry)."""
+    resp = RedirectResponse("/admin", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/admin", httponly=True, samesite="strict",
+                       secure=request.url.scheme == "https")
+    return resp
 
 
 def _manager(request: Request):

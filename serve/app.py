@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import admin, chat, feedback
+from . import admin, chat, feedback, ui
 from .auth import caller_of
 from .engine import Engine, EnginePool
 from .errors import AgentloopError, EngineUnavailable, InvalidRequest
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
     app.state.gw = gw
     app.include_router(admin.router)
     app.include_router(feedback.router)
+    app.include_router(ui.router)
 
     @app.exception_handler(AgentloopError)
     async def _domain_error(_: Request, exc: AgentloopError):

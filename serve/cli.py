@@ -1,7 +1,8 @@
 """The `agentloop` command line. Domain errors become exit codes here, nowhere else.
 
-Commands: serve, and the admin commands train, promote, rollback, canary,
-adapters, runs, loop (serve/cli_admin.py).
+Commands: serve; chat (a terminal chat with feedback, agents/cli_chat.py); and the
+admin commands train, promote, rollback, canary, adapters, runs, loop
+(serve/cli_admin.py).
 
 Invariant: `agentloop serve` with no arguments serves the embedded default
 model on 127.0.0.1; every flag has an AGENTLOOP_* environment twin.
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_admin import add_commands
 
     add_commands(sub)
+    from agents.cli_chat import add_chat_command
+
+    add_chat_command(sub)
     return p
 
 

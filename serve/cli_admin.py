@@ -104,6 +104,7 @@ def cmd_runs(args) -> int:
 
 def cmd_loop(args) -> int:
     """The scheduler as its own worker, pointed at the gateway's store."""
+    from .loop import run_due
     from .settings import Settings
     from .store import Store
 
@@ -114,17 +115,13 @@ def cmd_loop(args) -> int:
           f"new feedback or {cfg.period_seconds:.0f}s passed", file=sys.stderr)
     try:
         while True:
-            if store.active_run() is None:
-                last = (store.list_runs(limit=1) or [None])[0]
-                since = last["created_at"] if last else None
-                new = store.count_feedback(since=since)
-                elapsed = time.time() - since if since else float("inf")
-                if new >= cfg.min_new_feedback or (new > 0 and elapsed >= cfg.period_seconds):
-                    try:
-                        run = _call(args, "POST", "/admin/train", {"promote": True})
-                        print(f"started {run['id']} ({new} new feedback)", file=sys.stderr)
-                    except CliError as e:
-                        print(f"not started: {e}", file=sys.stderr)
+            due, new = run_due(store, cfg)
+            if due:
+                try:
+                    run = _call(args, "POST", "/admin/train", {"promote": True})
+                    print(f"started {run['id']} ({new} new feedback)", file=sys.stderr)
+                except CliError as e:
+                    print(f"not started: {e}", file=sys.stderr)
             if args.once:
                 return 0
             time.sleep(args.interval)

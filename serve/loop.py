@@ -55,6 +55,22 @@ def _owner_alive(owner: str) -> bool:
         return True
 
 
+def run_due(store, cfg: LoopConfig, now: float | None = None) -> tuple[bool, int]:
+    """Whether a scheduled run is due: enough new feedback since the last run started, or
+    some new feedback and `period_seconds` since then (since the oldest feedback, before
+    any run). Shared by the in-gateway scheduler and the `agentloop loop` worker."""
+    if store.active_run() is not None:
+        return False, 0
+    last = (store.list_runs(limit=1) or [None])[0]
+    since = last["created_at"] if last else None
+    new = store.count_feedback(since=since)
+    if new == 0:
+        return False, 0
+    start = since if since is not None else store.oldest_feedback_time()
+    elapsed = (now or time.time()) - start
+    return new >= cfg.min_new_feedback or elapsed >= cfg.period_seconds, new
+
+
 class GatewayHooks:
     def __init__(self, gw: "Gateway"):
         self.gw = gw
@@ -137,14 +153,8 @@ class LoopRunner:
                 log.exception("loop scheduler check failed")
 
     async def _maybe_start(self) -> None:
-        store, cfg = self.gw.store, self.gw.settings.loop_defaults()
-        if await asyncio.to_thread(store.active_run) is not None:
-            return
-        last = (await asyncio.to_thread(store.list_runs, limit=1) or [None])[0]
-        since = last["created_at"] if last else None
-        new = await asyncio.to_thread(store.count_feedback, since=since)
-        elapsed = time.time() - since if since else float("inf")
-        if new >= cfg.min_new_feedback or (new > 0 and elapsed >= cfg.period_seconds):
+        go, new = await asyncio.to_thread(run_due, self.gw.store, self.gw.settings.loop_defaults())
+        if go:
             log.info("starting a scheduled run: %d new feedback", new)
             await self.start(trigger="scheduler")
 

@@ -52,6 +52,7 @@ from sqlalchemy.pool import StaticPool
 
 from .store_feedback import FeedbackStore, m002_feedback
 from .store_runs import RunStore, m003_runs
+from .store_stats import StatsStore
 
 logger = logging.getLogger("agentloop.store")
 
@@ -170,7 +171,7 @@ def _decode(mapping: Any) -> dict[str, Any]:
     return row
 
 
-class Store(FeedbackStore, RunStore):
+class Store(FeedbackStore, RunStore, StatsStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
     def __init__(self, url: str):

@@ -29,9 +29,11 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import Column, Connection, Float, Index, Integer, MetaData, Table, Text, insert, select, update
+from sqlalchemy import (
+    Column, Connection, Float, Index, Integer, MetaData, Table, Text, column, func, insert, select, table, update,
+)
 
-RUN_STATUSES = ("queued", "running", "promoted", "rejected", "failed")
+RUN_STATUSES = ("queued", "running", "promoted", "passed", "rejected", "failed")
 ACTIVE = ("queued", "running")
 _JSON_COLUMNS = ("params", "dataset", "gate", "result")
 
@@ -156,6 +158,12 @@ class RunStore:
                 self.update_run(run["id"], status="failed", reason="interrupted: its process is gone")
                 failed.append(run["id"])
         return failed
+
+    def oldest_feedback_time(self) -> float | None:
+        """When the first feedback arrived (the scheduler's clock before any run)."""
+        fb = table("feedback", column("created_at"))
+        with self._conn() as conn:
+            return conn.execute(select(func.min(fb.c.created_at))).scalar()
 
     def add_run_metrics(self, run_id: str, step: int, data: dict[str, Any]) -> None:
         with self._conn(write=True) as conn:

@@ -43,3 +43,26 @@ def test_one_active_run_and_orphans(tmp_path):
     assert store.get_run(run["id"])["status"] == "failed"
     assert store.create_run(method="kto", trigger="admin")["status"] == "queued"
     assert os.path.exists(tmp_path / "db.sqlite")
+
+
+def test_scheduler_due_rule(tmp_path):
+    from serve.loop import run_due
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cfg = LoopConfig.from_params({"min_new_feedback": 3, "period_seconds": 3600})
+    assert run_due(store, cfg) == (False, 0)  # nothing to learn from
+    for i in range(2):
+        store.insert_completions([{"id": f"c{i}", "caller": "k", "model": "m", "stream": False, "status_code": 200,
+                                   "request": {}}])
+        store.insert_feedback({"id": f"f{i}", "caller": "k", "type": "thumbs", "completion_id": f"c{i}", "value": 1})
+    first = store.oldest_feedback_time()
+    assert run_due(store, cfg, now=first + 10) == (False, 2)      # too few, too soon
+    assert run_due(store, cfg, now=first + 3601) == (True, 2)     # the period passed
+    store.insert_completions([{"id": "c9", "caller": "k", "model": "m", "stream": False, "status_code": 200,
+                               "request": {}}])
+    store.insert_feedback({"id": "f9", "caller": "k", "type": "thumbs", "completion_id": "c9", "value": -1})
+    assert run_due(store, cfg, now=first + 10) == (True, 3)       # enough new feedback
+    run = store.create_run(method="dpo", trigger="scheduler")
+    assert run_due(store, cfg, now=first + 10) == (False, 0)      # one run at a time
+    store.update_run(run["id"], status="rejected")
+    assert run_due(store, cfg)[1] == 0                            # counted from the last run's start
