@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -23,14 +22,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rl.registry import AdapterRegistry  # noqa: E402
-from tests.conftest import ADMIN_KEY, start_gateway, stop_gateway  # noqa: E402
+from tests.conftest import ADMIN_KEY, noisy_adapter, start_gateway, stop_gateway  # noqa: E402
 
 MSG = [{"role": "user", "content": "Hello"}]
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -43,14 +40,7 @@ def pct(xs, p):
 
 def make_version(home: Path) -> str:
     (base,) = list(home.glob("adapters/*/v0000"))
-    tmp = Path(tempfile.mkdtemp())
-    shutil.copy(base / "adapter_config.json", tmp)
-    t = load_file(str(base / "adapter_model.safetensors"))
-    rng = np.random.default_rng(0)
-    for k in t:
-        if "lora_B" in k:
-            t[k] = rng.normal(0, 0.5, t[k].shape).astype(np.float32)
-    save_file(t, str(tmp / "adapter_model.safetensors"))
+    tmp = noisy_adapter(base, Path(tempfile.mkdtemp()) / "noisy", seed=0)
     reg = AdapterRegistry(base.parent)
     return reg.commit(tmp, parent="v0000", base_model=reg.get("v0000").base_model, method="bench").version
 

@@ -33,6 +33,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def noisy_adapter(base: Path, dst: Path, *, seed: int = 1, scale: float = 0.5) -> Path:
+    """A copy of the zero adapter `base` with random B matrices: it changes every answer,
+    which makes it easy to see which adapter served a request."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir(parents=True)
+    (dst / "adapter_config.json").write_bytes((base / "adapter_config.json").read_bytes())
+    tensors = load_file(str(base / "adapter_model.safetensors"))
+    rng = np.random.default_rng(seed)
+    for k in tensors:
+        if "lora_B" in k:
+            tensors[k] = rng.normal(0, scale, tensors[k].shape).astype(np.float32)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

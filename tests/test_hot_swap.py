@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 
 import httpx
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from rl.registry import AdapterRegistry
+from tests.conftest import noisy_adapter
 
 
-def noisy_adapter(server, tmp_path, seed: int = 1, scale: float = 0.5):
-    src = server.adapters_root / "v0000"
-    dst = tmp_path / f"noisy-{seed}"
-    dst.mkdir()
-    shutil.copy(src / "adapter_config.json", dst)
-    tensors = load_file(str(src / "adapter_model.safetensors"))
-    rng = np.random.default_rng(seed)
-    for k in tensors:
-        if "lora_B" in k:
-            tensors[k] = rng.normal(0, scale, tensors[k].shape).astype(np.float32)
-    save_file(tensors, str(dst / "adapter_model.safetensors"))
+def committed_noisy(server, tmp_path, seed: int = 1):
+    dst = noisy_adapter(server.adapters_root / "v0000", tmp_path / f"noisy-{seed}", seed=seed)
     reg = AdapterRegistry(server.adapters_root)
     base = reg.get("v0000")
     return reg.commit(dst, parent="v0000", base_model=base.base_model, template="chatml-tools", method="test")
@@ -68,7 +57,7 @@ def test_admin_key_required(server):
 
 def test_promote_pin_and_rollback(server, tmp_path, restore_base):
     expected = greeting(server)["expected"]["content"]
-    m = noisy_adapter(server, tmp_path)
+    m = committed_noisy(server, tmp_path)
     r = server.admin("POST", "/admin/promote", json={"version": m.version})
     assert r.status_code == 200, r.text
     assert r.json() == {"version": m.version, "previous": "v0000", "status": "live"}
@@ -94,7 +83,7 @@ def test_promote_pin_and_rollback(server, tmp_path, restore_base):
 
 
 def test_requests_during_promotion_all_succeed_on_one_version(server, tmp_path, restore_base):
-    m = noisy_adapter(server, tmp_path, seed=2)
+    m = committed_noisy(server, tmp_path, seed=2)
 
     async def stream(client, i):
         body = {"model": "agentloop", "messages": greeting(server)["messages"], "temperature": 0,
@@ -136,13 +125,13 @@ def test_requests_during_promotion_all_succeed_on_one_version(server, tmp_path, 
 
 def test_corrupt_or_incompatible_adapter_is_refused(server, tmp_path, restore_base):
     expected = greeting(server)["expected"]["content"]
-    bad = noisy_adapter(server, tmp_path, seed=3)
+    bad = committed_noisy(server, tmp_path, seed=3)
     weights = bad.path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated after commit
     r = server.admin("POST", "/admin/promote", json={"version": bad.version})
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
 
-    wrong = noisy_adapter(server, tmp_path, seed=4)
+    wrong = committed_noisy(server, tmp_path, seed=4)
     cfg = json.loads((wrong.path / "adapter_config.json").read_text())
     cfg["r"] = 64
     (wrong.path / "adapter_config.json").write_text(json.dumps(cfg))
@@ -159,7 +148,7 @@ def test_corrupt_or_incompatible_adapter_is_refused(server, tmp_path, restore_ba
 
 
 def test_canary_share(server, tmp_path, restore_base):
-    m = noisy_adapter(server, tmp_path, seed=5)
+    m = committed_noisy(server, tmp_path, seed=5)
     r = server.admin("POST", "/admin/canary", json={"version": m.version, "share": 1.0})
     assert r.status_code == 200 and r.json() == {"version": m.version, "share": 1.0}
     assert ask(server)["model"] == f"agentloop@{m.version}"

@@ -11,29 +11,16 @@ concurrently, and checks every alias answer is still the base model's.
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import httpx
-import numpy as np
-from safetensors.numpy import load_file, save_file
+
+from tests.conftest import noisy_adapter
 
 PROBE = "bleed-probe"
 
 
-def make_probe_adapter(server, dst):
-    (base,) = list(server.home.glob("adapters/*/v0000"))
-    shutil.copytree(base, dst)
-    tensors = load_file(str(base / "adapter_model.safetensors"))
-    rng = np.random.default_rng(1)
-    for k in tensors:
-        if "lora_B" in k:
-            tensors[k] = rng.normal(0, 0.5, tensors[k].shape).astype(np.float32)
-    save_file(tensors, str(dst / "adapter_model.safetensors"))
-    return dst
-
-
 def test_alias_never_gets_another_adapters_weights(server, tmp_path):
-    path = make_probe_adapter(server, tmp_path / "probe")
+    path = noisy_adapter(server.adapters_root / "v0000", tmp_path / "probe")
     r = httpx.post(f"{server.engine_url}/v1/load_lora_adapter", json={"lora_name": PROBE, "lora_path": str(path)},
                    timeout=60)
     assert r.status_code == 200, r.text

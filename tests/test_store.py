@@ -286,7 +286,13 @@ def test_asubmit_applies_back_pressure_and_loses_nothing(url: str):
         producers = asyncio.gather(*(w.asubmit(row(i)) for i in range(30)))
         await asyncio.sleep(0.1)
         assert not w.submit(row("extra"))  # full: the non-blocking path refuses
-        ticks_while_blocked = ticks
+        # The event loop must keep running while the producers are blocked. Wait for ticks
+        # rather than counting them in a fixed window: a loaded machine ticks slowly.
+        start, deadline = ticks, asyncio.get_running_loop().time() + 30
+        while ticks < start + 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not producers.done()  # still blocked on the full queue...
+        ticks_while_blocked = ticks - start  # ...while the loop ticked
         s.gate.set()
         await producers
         done.set()

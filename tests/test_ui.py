@@ -243,6 +243,10 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
+    from playwright.sync_api import expect
+
+    # expect() has its own 5 s default, too short for a loaded CPU engine to stream an answer.
+    expect.set_options(timeout=TIMEOUT_MS)
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     yield pg
