@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -74,18 +75,40 @@ def start_plain_vllm(model_dir: Path, home: Path) -> tuple[Any, str, str]:
     proc = EngineProcess(argv, env, home / "plain-vllm.log")
     proc.spawn()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"plain vLLM exited with {proc.proc.returncode}; see {proc.log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url, "plain"
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.terminate()
-    raise RuntimeError(f"plain vLLM not ready; see {proc.log_path}")
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"plain vLLM exited with {proc.proc.returncode}; see {proc.log_path}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url, "plain"
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"plain vLLM not ready; see {proc.log_path}")
+    except BaseException:
+        proc.terminate()  # also on Ctrl-C / SIGTERM while waiting: never leave it running
+        raise
+
+
+def start_agentloop(home: Path, model_dir: Path) -> tuple[Any, str]:
+    """`tests.conftest.start_gateway` on the default model's folder; if interrupted while it
+    waits for readiness, the gateway it spawned (our child, by pid) is stopped too."""
+    import psutil
+
+    from tests.conftest import start_gateway
+
+    before = {c.pid for c in psutil.Process().children()}
+    try:
+        proc, url, _ = start_gateway(home, model_dir)
+        return proc, url
+    except BaseException:
+        for child in psutil.Process().children():
+            if child.pid not in before and "serve.cli" in " ".join(child.cmdline()):
+                child.terminate()  # SIGTERM: the gateway stops its engine on the way out
+                child.wait(60)
+        raise
 
 
 # ------------------------------------------------------------------ requests
@@ -97,9 +120,10 @@ def case_request(case: dict, mode: str, max_tokens: int) -> dict:
 
 
 def grade(case: dict, body: dict, status: int, resp: Any) -> dict:
-    """One answer -> the counters of this benchmark."""
+    """One answer -> the counters of this benchmark (and the answer itself, for --regrade)."""
     out = {"id": case["id"], "category": case["category"], "status": status, "calls": 0, "invalid": 0,
-           "no_call": False, "markup": False, "length": False, "ast": False, "reason": ""}
+           "no_call": False, "markup": False, "length": False, "ast": False, "reason": "",
+           "answer": (resp.get("choices") or [None])[0] if isinstance(resp, dict) else resp}
     if status != 200 or not isinstance(resp, dict) or not resp.get("choices"):
         out["reason"] = f"HTTP {status}: {str(resp)[:200]}"
         return out
@@ -236,16 +260,29 @@ def table(sides: dict[str, list[dict]], categories: list[str], modes: list[str])
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = DOCS) -> None:
-    """Replace (or append) only our section of the shared benchmarks file."""
+BEGIN, END = "<!-- bench.bfcl: generated, do not edit -->", "<!-- bench.bfcl: end -->"
+
+
+def write_section(generated: str, path: Path = DOCS) -> None:
+    """Put `generated` between our markers in our section of the shared benchmarks file.
+
+    Text of the section outside the markers (hand-written findings) and every other
+    section are kept; a missing section is appended, a missing file created.
+    """
+    block = f"{BEGIN}\n{generated.strip()}\n{END}"
     doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     start = doc.find(SECTION + "\n")
     if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
     else:
         nxt = re.search(r"^## ", doc[start + len(SECTION):], flags=re.M)
         end = start + len(SECTION) + nxt.start() if nxt else len(doc)
-        doc = doc[:start] + text.rstrip("\n") + "\n" + ("\n" + doc[end:] if nxt else "")
+        body = doc[start:end]
+        if BEGIN in body and END in body:
+            body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END):]
+        else:
+            body = body.rstrip("\n") + f"\n\n{block}\n"
+        doc = doc[:start] + body.rstrip("\n") + "\n" + ("\n" + doc[end:] if nxt else "")
     path.write_text(doc, encoding="utf-8")
 
 
@@ -259,9 +296,7 @@ def section(args: argparse.Namespace, body: str, cache: dict[str, dict[str, floa
           f"{c['new_grammar'] * 1000:.0f} ms | {c['repeat'] * 1000:.0f} ms |" for side, c in cache.items()],
     ]
     schema_chars = next(iter(cache.values()))["schema_chars"] if cache else 0
-    return f"""{SECTION}
-
-Command: {cmd} (measured {dt.date.today().isoformat()}, {minutes:.0f} min on the 2-core machine,
+    return f"""Command: {cmd} (measured {dt.date.today().isoformat()}, {minutes:.0f} min on the 2-core machine,
 shared with other processes).
 
 One run, one vLLM server at a time: **plain vLLM** 0.32 (default SmolLM2-135M-Instruct,
@@ -303,6 +338,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--sides", default="vllm,agentloop", type=lambda s: s.split(","))
     p.add_argument("--out", type=Path, help="also write every graded answer here (JSON)")
+    p.add_argument("--regrade", type=Path, help="grade the answers saved by --out again (no servers)")
     p.add_argument("--no-docs", action="store_true", help=f"do not write {DOCS.relative_to(ROOT)}")
     args = p.parse_args()
     bad = set(args.categories) - set(CATEGORIES)
@@ -310,9 +346,18 @@ def main() -> None:
         p.error(f"unknown categories {sorted(bad)} (known: {', '.join(CATEGORIES)})")
 
     from serve.default_model import ensure_default_model
-    from tests.conftest import start_gateway, stop_gateway
+    from tests.conftest import stop_gateway
 
     cases = [c for cat in args.categories for c in load_category(args.data, cat)[: args.per_category]]
+    if args.regrade:
+        saved = json.loads(args.regrade.read_text(encoding="utf-8"))
+        by_id = {c["id"]: c for c in cases}
+        sides = {side: [{**grade(by_id[r["id"]], case_request(by_id[r["id"]], r["mode"], args.max_tokens),
+                                 r["status"], {"choices": [r["answer"]]} if r["status"] == 200 else r["answer"]),
+                         "mode": r["mode"], "seconds": r["seconds"]} for r in rows if r["id"] in by_id]
+                 for side, rows in saved.get("sides", saved).items()}
+        print(table(sides, args.categories, args.modes))
+        return
     model_dir = ensure_default_model()
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-"))
     print(f"{len(cases)} cases x {len(args.modes)} modes; model {model_dir}; logs in {home}", flush=True)
@@ -323,20 +368,22 @@ def main() -> None:
         print("plain vLLM: starting", flush=True)
         proc, url, model = start_plain_vllm(model_dir, home)
         try:
-            sides["plain vLLM"] = asyncio.run(run_side(url, model, cases, args.modes, args.max_tokens,
-                                                       args.concurrency))
-            cache["plain vLLM"] = asyncio.run(cache_probe(url, model))
+            sides["plain vLLM"] = _run(run_side(url, model, cases, args.modes, args.max_tokens, args.concurrency))
+            cache["plain vLLM"] = _run(cache_probe(url, model))
         finally:
             proc.terminate()
+    save = (lambda: args.out.write_text(json.dumps({"sides": sides, "cache": cache}, indent=1), encoding="utf-8")) \
+        if args.out else (lambda: None)
+    save()  # after each side too: a run stopped halfway keeps what it measured
     if "agentloop" in args.sides:
         print("agentloop: starting", flush=True)
         gw_home = home / "gateway"
         gw_home.mkdir()
-        proc, url, _ = start_gateway(gw_home, model_dir)
+        proc, url = start_agentloop(gw_home, model_dir)
         try:
-            sides["agentloop"] = asyncio.run(run_side(url, "agentloop", cases, args.modes, args.max_tokens,
-                                                      args.concurrency))
-            cache["agentloop"] = asyncio.run(cache_probe(url, "agentloop"))
+            sides["agentloop"] = _run(run_side(url, "agentloop", cases, args.modes, args.max_tokens,
+                                               args.concurrency))
+            cache["agentloop"] = _run(cache_probe(url, "agentloop"))
         finally:
             stop_gateway(proc)
     minutes = (time.monotonic() - t0) / 60
@@ -346,13 +393,33 @@ def main() -> None:
         print(f"grammar cache ({side}): small {c['small']*1000:.0f} ms; large ({c['schema_chars']} chars): new prompt "
               f"{c['new_prompt']*1000:.0f} ms, new grammar {c['new_grammar']*1000:.0f} ms, "
               f"cached {c['repeat']*1000:.0f} ms")
-    if args.out:
-        args.out.write_text(json.dumps(sides, indent=1), encoding="utf-8")
+    save()
     if not args.no_docs:
         write_section(section(args, body, cache, minutes))
         print(f"wrote {DOCS}")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so every `finally` stops its server
+
+
+def _run(coro: Any) -> Any:
+    """asyncio.run, where SIGTERM cancels the work at once (a plain Python handler may
+    only run once the event loop wakes up) and then unwinds as KeyboardInterrupt."""
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, _interrupt)  # the loop's handler is gone with the loop
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _interrupt)
     main()

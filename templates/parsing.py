@@ -19,7 +19,10 @@ one-shot `extract` / `split_reasoning` yields for that text.
   Emitting nothing earlier is what lets a broken call still turn into content.
 - Anything that does not parse as a call (bad JSON, a non-object, no name, cut
   off by the end) comes back verbatim as content; nothing here raises on
-  model output.
+  model output. One opt-in exception: `HermesToolParser(drop_unclosed=True)`
+  drops a `<tool_call>` block (or the start of its tag) the output leaves
+  open: for a decoder whose grammar cannot leave one open except by being cut
+  off, that is a half call -- neither content nor a call.
 """
 
 from __future__ import annotations
@@ -326,9 +329,9 @@ class ToolCallStreamParser:
         raise NotImplementedError
 
     @classmethod
-    def extract(cls, text: str) -> tuple[str, list[ToolCall]]:
-        """One-shot parse of a complete output: (content, calls)."""
-        parser = cls()
+    def extract(cls, text: str, **options: Any) -> tuple[str, list[ToolCall]]:
+        """One-shot parse of a complete output: (content, calls); `options` go to the constructor."""
+        parser = cls(**options)
         return assemble(parser.feed(text) + parser.finish())
 
     def _emit_call(self, call: ToolCall, out: list[Event]) -> None:
@@ -345,14 +348,23 @@ class HermesToolParser(ToolCallStreamParser):
     newline right before it, and a whitespace-only run after a valid call
     (before the next call or the end) is dropped. A `</tool_call>` inside a
     JSON string of the body is data, not the end of the call.
+
+    `drop_unclosed`: a block still open when the output ends -- or the start
+    of its opening tag (a trailing `<`, `<tool`, ...) -- is dropped with the
+    joint before it, instead of being read as a call (when its body is a whole
+    call object) or returned verbatim. A call then counts only once its
+    `</tool_call>` is written, so a cut-off output never yields a half call or
+    call markup as content, however it was cut. The price: an answer that
+    really ends in such a prefix (`... x <`) loses it.
     """
 
     name = "agentloop_hermes"
     OPEN = "<tool_call>"
     CLOSE = "</tool_call>"
 
-    def __init__(self) -> None:
+    def __init__(self, drop_unclosed: bool = False) -> None:
         super().__init__()
+        self.drop_unclosed = drop_unclosed
         self._text = ""  # unemitted text outside calls
         self._after_call = False  # a valid call closed and only whitespace followed
         self._in_call = False
@@ -382,17 +394,24 @@ class HermesToolParser(ToolCallStreamParser):
         out: list[Event] = []
         if self._in_call:
             # Cut off before `</tool_call>`: still a call if the body (minus a
-            # partial closing tag) is a whole call object, else verbatim text.
+            # partial closing tag) is a whole call object, else verbatim text
+            # -- unless unclosed blocks are dropped.
             body = "".join(self._body)
-            call = parse_call_object(body)
+            call = None if self.drop_unclosed else parse_call_object(body)
             if call is not None:
                 self._emit_call(call, out)
-            else:
+            elif not self.drop_unclosed:
                 _push_text(out, self._held + self.OPEN + body + self.CLOSE[: self._match])
             self._in_call, self._held, self._match = False, "", 0
         elif self._text:
-            if not (self._after_call and not self._text.strip()):
-                _push_text(out, self._text)
+            text = self._text
+            partial = _partial_suffix(text, self.OPEN)
+            if self.drop_unclosed and partial:
+                # The opening tag itself was cut off: drop it and its joint.
+                text = text[:-partial]
+                text = text[:-1] if text.endswith("\n") else text
+            if not (self._after_call and not text.strip()):
+                _push_text(out, text)
             self._text = ""
         return out
 

@@ -29,16 +29,39 @@ How vLLM drives them (vllm/parser/abstract_parser.py, DelegatingParser):
 - With thinking off, a leading `<think>` block the model writes anyway is
   split off by the tool parser in streaming and by `extract_reasoning` in
   non-streaming, under the same condition (tools given, tool_choice auto).
+
+Constrained calls (agentloop_hermes): vLLM builds an xgrammar structural tag
+from the tools (`structural_tag_model = "hermes"`, every tool's arguments
+pinned to its schema) before our `adjust_request` runs; we then
+- reject, as a 400 (`VLLMValidationError`), a tool whose parameters are not an
+  object schema or that xgrammar cannot compile, naming the tool -- instead of
+  the engine's opaque fallback error;
+- make each tool's arguments grammar an object (a missing/empty schema would
+  let `"arguments": 5` through, which is no call) whose required keys are all
+  writable, allow at most one whitespace character in a row between JSON
+  tokens (an unbounded run lets a small model fill `max_tokens` with newlines
+  inside a call), and keep a stray `</tool_call>` out of auto-mode text.
+Only the grammar changes; the prompt already shows the tools as sent.
+Because the grammar cannot leave a `<tool_call>` open except by being cut
+off (max_tokens, a stop string), an unclosed block is dropped in both
+streaming and non-streaming -- never a half call, never markup as content --
+and a forced call (required/named, no text allowed around calls) returns no
+content at all: a cut forced call is finish_reason "length", no tool_calls.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import xgrammar
+
+from vllm import envs
 from vllm.entrypoints.generate.base.protocol import (
     DeltaFunctionCall,
     DeltaMessage,
@@ -47,6 +70,7 @@ from vllm.entrypoints.generate.base.protocol import (
     FunctionCall,
     ToolCall,
 )
+from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.reasoning import ReasoningParser, ReasoningParserManager
 from vllm.renderers.chat_utils import make_tool_call_id
@@ -117,10 +141,147 @@ def _auto_tools(request: Any) -> bool:
     return bool(getattr(request, "tools", None)) and getattr(request, "tool_choice", None) in (None, "auto")
 
 
+def _forced(request: Any) -> bool:
+    """tool_choice "required" or a named function: the output must be calls."""
+    choice = getattr(request, "tool_choice", None)
+    return choice == "required" or (choice is not None and not isinstance(choice, str))
+
+
+# ------------------------------------------------------------ call grammar
+
+# Most whitespace characters in a row between JSON tokens of the arguments.
+# One keeps the template's own `{"a": 1, "b": 2}` style possible.
+MAX_WHITESPACE_RUN = 1
+
+
+# Where a JSON Schema nests subschemas: by name, in lists, or as one value.
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def _declare_required(node: Any) -> Any:
+    """Copy of `node` where every object's `required` keys are in its `properties`.
+
+    xgrammar writes only declared properties (undeclared ones count as not
+    allowed), so a key that is required but not declared -- valid JSON Schema,
+    the key may hold anything -- could never be written: the grammar would
+    force an object that fails the schema. Declaring it as `{}` (any value)
+    is what the schema means. Left alone under `additionalProperties: false`,
+    where the schema itself cannot be met.
+    """
+    if isinstance(node, list):
+        return [_declare_required(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _declare_required(v) for name, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS + _SUBSCHEMA_ONE:
+        if key in out:
+            out[key] = _declare_required(out[key])
+    required = out.get("required")
+    props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
+    if isinstance(required, list) and out.get("additionalProperties") is not False:
+        missing = [r for r in required if isinstance(r, str) and r not in props]
+        if missing:
+            out["properties"] = {**props, **{r: {} for r in missing}}
+    return out
+
+
+def object_schema(schema: Any) -> dict[str, Any]:
+    """The arguments grammar for a tool's `parameters`, always an object schema.
+
+    None, `true` and `{}` mean "any arguments": any object. A schema without a
+    type gets `"type": "object"` (alongside `$ref`/`anyOf`, xgrammar
+    intersects). Raises ValueError for a schema that cannot describe an object.
+    """
+    if schema is None or schema is True:
+        return {"type": "object"}
+    if not isinstance(schema, dict):
+        raise ValueError("must be a JSON Schema object")
+    kind = schema.get("type")
+    if kind is None or (isinstance(kind, list) and "object" in kind):
+        schema = {**schema, "type": "object"}
+    elif kind != "object":
+        raise ValueError(f'must be a JSON Schema of "type": "object", got "type": {json.dumps(kind)}')
+    return _declare_required(schema)
+
+
+def _arguments_format(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE_RUN}
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_problem(schema_json: str) -> str | None:
+    """Why xgrammar cannot build the arguments grammar, or None. Cached per
+    schema text: a client sends the same tools again and again."""
+    schema = json.loads(schema_json)
+    tag = {"type": "structural_tag", "format": _arguments_format(schema)}
+    try:
+        xgrammar.Grammar.from_structural_tag(json.dumps(tag))
+    except Exception as e:  # xgrammar raises RuntimeError with a C++ location prefix
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return message.split(": ", 1)[-1] if message.startswith("[") else message
+    return None
+
+
+def check_tool_schemas(tools: Sequence[Any]) -> None:
+    """Raise VLLMValidationError (HTTP 400) naming the first tool whose parameters
+    the grammar backend cannot use."""
+    for i, tool in enumerate(tools):
+        function = getattr(tool, "function", None)
+        if function is None:
+            continue
+        where = f"tools[{i}].function.parameters"
+        try:
+            schema = object_schema(function.parameters)
+        except ValueError as e:
+            raise VLLMValidationError(f"Invalid schema for function '{function.name}': {where} {e}.",
+                                      parameter=where) from None
+        problem = _schema_problem(json.dumps(schema, sort_keys=True))
+        if problem is not None:
+            raise VLLMValidationError(
+                f"Invalid schema for function '{function.name}': {where} cannot be used to constrain "
+                f"tool calls: {problem}", parameter=where)
+
+
+def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str) -> str:
+    """Rewrite vLLM's tool-call structural tag: every call's arguments format
+    gets an object schema and the whitespace bound, and the free text of auto
+    mode may not contain `close_tag` (outside a call it is only ever stray
+    markup, which would reach the client as content). Other formats in the
+    tag (e.g. a response_format OR-ed in for auto) are left alone."""
+    tag = json.loads(structural_tag)
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "triggered_tags" and open_tag in (node.get("triggers") or ()):
+            excludes = list(node.get("excludes") or [])
+            node["excludes"] = excludes + ([close_tag] if close_tag not in excludes else [])
+        content = node.get("content")
+        if (node.get("type") == "tag" and str(node.get("begin", "")).startswith(open_tag)
+                and isinstance(content, dict) and content.get("type") == "json_schema"):
+            node["content"] = {**content, **_arguments_format(object_schema(content.get("json_schema")))}
+            return
+        for value in node.values():
+            visit(value)
+
+    visit(tag)
+    return json.dumps(tag)
+
+
 class _AgentloopToolParser(ToolParser):
     """Shared adapter: one pure `parsing.ToolCallStreamParser` per request."""
 
     parser_cls: type[parsing.ToolCallStreamParser]
+    parser_options: dict[str, Any] = {}
     markers: tuple[str, ...] = ()
     # Set True by vLLM's Parser when no reasoning parser is configured: then
     # reasoning markup is plain content and nothing here splits it off.
@@ -134,6 +295,7 @@ class _AgentloopToolParser(ToolParser):
         self._markers_are_tokens = any(m in self.vocab for m in self.markers)
         self._stream: parsing.ToolCallStreamParser | None = None
         self._think: parsing.ThinkStreamSplitter | None = None
+        self._no_content = False
 
     def adjust_request(self, request: Any) -> Any:
         request = super().adjust_request(request)
@@ -141,10 +303,25 @@ class _AgentloopToolParser(ToolParser):
             request.skip_special_tokens = False
         return request
 
+    def _constrained_forced(self, request: Any) -> bool:
+        """A forced call decoded under our structural tag: vLLM hands such
+        requests to this parser only when the tag replaced its JSON-list
+        format, and the tag allows no text outside the calls -- so any text
+        there is a fragment of call markup cut off by the end of the output."""
+        return not self.supports_required_and_named and _forced(request)
+
     def extract_tool_calls(self, model_output: str, request: Any) -> ExtractedToolCallInformation:
-        content, calls = self.parser_cls.extract(model_output)
+        content, calls = self.parser_cls.extract(model_output, **self.parser_options)
+        if self._constrained_forced(request):
+            content = ""
         if not calls:
-            return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
+            if content == model_output:
+                return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
+            # A cut-off call was dropped (or forced-call fragments blanked).
+            # vLLM keeps the raw output as content when tools_called is False,
+            # so report "called" with no calls: it then takes our content and
+            # still finds no call (finish_reason stays the engine's).
+            return ExtractedToolCallInformation(tools_called=True, tool_calls=[], content=content or None)
         return ExtractedToolCallInformation(
             tools_called=True,
             tool_calls=[
@@ -167,7 +344,8 @@ class _AgentloopToolParser(ToolParser):
     ) -> DeltaMessage | None:
         try:
             if self._stream is None:
-                self._stream = self.parser_cls()
+                self._stream = self.parser_cls(**self.parser_options)
+                self._no_content = self._constrained_forced(request)
                 if not self.skip_reasoning_parsing and not _request_thinking(request) and _auto_tools(request):
                     self._think = parsing.ThinkStreamSplitter(thinking=False)
             ended = self._turn_ended(delta_token_ids, request)
@@ -195,7 +373,7 @@ class _AgentloopToolParser(ToolParser):
         return last in self._end_ids and not getattr(request, "ignore_eos", False)
 
     def _delta(self, events: list[parsing.Event], reasoning: str) -> DeltaMessage | None:
-        content = "".join(e.text for e in events if isinstance(e, parsing.TextDelta))
+        content = "" if self._no_content else "".join(e.text for e in events if isinstance(e, parsing.TextDelta))
         names: dict[int, str] = {}
         args: dict[int, str] = {}
         for e in events:
@@ -237,8 +415,25 @@ class AgentloopHermesToolParser(_AgentloopToolParser):
     default_tool_strict_level = ToolStrictLevel.PARAMETER
 
     parser_cls = parsing.HermesToolParser
+    # Under the tag an open block at the end can only be a cut-off call (see
+    # the module doc); without it (VLLM_ENFORCE_STRICT_TOOL_CALLING=0) it is a
+    # call the model broke off -- dropped all the same, so markup never
+    # becomes content and streaming still equals non-streaming.
+    parser_options = {"drop_unclosed": True}
     markers = (parsing.HermesToolParser.OPEN, parsing.HermesToolParser.CLOSE,
                parsing.ThinkStreamSplitter.OPEN, parsing.ThinkStreamSplitter.CLOSE)
+
+    def adjust_request(self, request: Any) -> Any:
+        """Runs after vLLM put its tool-call tag into `structured_outputs`."""
+        request = super().adjust_request(request)
+        params = getattr(request, "structured_outputs", None)
+        tag = getattr(params, "structural_tag", None)
+        if (request.tools and request.tool_choice != "none" and tag and self.structural_tag_model
+                and envs.VLLM_ENFORCE_STRICT_TOOL_CALLING):
+            check_tool_schemas(request.tools)
+            params.structural_tag = constrain_call_tag(tag, parsing.HermesToolParser.OPEN,
+                                                       parsing.HermesToolParser.CLOSE)
+        return request
 
 
 class AgentloopLlama3JsonToolParser(_AgentloopToolParser):

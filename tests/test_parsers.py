@@ -155,6 +155,40 @@ def test_tool_parser_streaming_equals_one_shot(cls, case):
             assert "<tool_call>" not in streamed and "</tool_call>" not in streamed
 
 
+# What `drop_unclosed=True` (the vLLM plugin's setting, where only a cut-off
+# output can leave a block open) changes; every other HERMES case is unchanged.
+HERMES_DROP_UNCLOSED = {
+    "cut_off_call": ("Sure.", []),
+    "complete_json_missing_close": ("Sure.", []),  # a call counts once </tool_call> is written
+    "partial_close_at_end": ("", []),
+    "partial_tag_at_end": ("almost a call ", []),  # the opening tag itself was cut
+}
+
+
+@pytest.mark.parametrize("case", HERMES, ids=[c[0] for c in HERMES])
+def test_hermes_drop_unclosed_streaming_equals_one_shot(case):
+    name, text, content, calls = case
+    content, calls = HERMES_DROP_UNCLOSED.get(name, (content, calls))
+    assert HermesToolParser.extract(text, drop_unclosed=True) == (content, calls)
+    for chunks in splits(text):
+        parser = HermesToolParser(drop_unclosed=True)
+        events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.finish()
+        assert assemble(events) == (content, calls), chunks
+        check_events(events, calls)
+
+
+@pytest.mark.parametrize("text,content", [
+    ("Checking.\n<", "Checking."),
+    ("Checking.\n<tool_call", "Checking."),
+    ("Checking.\n<tool_call>", "Checking."),
+    ('Checking.\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_ca', "Checking."),
+    ("x <", "x "),
+])
+def test_hermes_drop_unclosed_never_leaves_markup(text, content):
+    assert HermesToolParser.extract(text, drop_unclosed=True) == (content, [])
+    assert HermesToolParser.extract(text) != (content, [])  # the default reads or keeps the block
+
+
 def test_hermes_holds_back_partial_tag_until_resolved():
     parser = HermesToolParser()
     assert parser.feed("Hi <tool") == [TextDelta("Hi ")]

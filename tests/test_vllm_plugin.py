@@ -20,6 +20,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest  # noqa: E402
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.parser.parser_manager import ParserManager  # noqa: E402
 from vllm.reasoning import ReasoningParserManager  # noqa: E402
 from vllm.tool_parsers import ToolParserManager  # noqa: E402
@@ -82,8 +84,9 @@ def prompt_ids(tok, thinking):
     return tok.encode(prompt, add_special_tokens=False)
 
 
-def output_ids(tok, text):
-    return tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids(EOS)]
+def output_ids(tok, text, eos=True):
+    """The generated ids; without the end-of-turn token when max_tokens cut the output."""
+    return tok.encode(text, add_special_tokens=False) + ([tok.convert_tokens_to_ids(EOS)] if eos else [])
 
 
 def token_deltas(tok, ids):
@@ -101,9 +104,10 @@ def token_deltas(tok, ids):
 
 
 def expected(thinking, text):
-    """What the pure parsers say (tests/test_parsers.py pins those)."""
+    """What the pure parsers say (tests/test_parsers.py pins those); the plugin's
+    Hermes parser drops a block the output leaves open (a cut-off call)."""
     reasoning, rest = split_reasoning(text, thinking)
-    content, calls = extract_hermes(rest)
+    content, calls = extract_hermes(rest, drop_unclosed=True)
     return reasoning, content, [(c.name, c.arguments) for c in calls]
 
 
@@ -157,8 +161,10 @@ def test_tool_parser_non_streaming_and_streaming(tok, case):
     exp_reasoning, exp_content, exp_calls = expected(thinking, text)
 
     # Non-streaming, on what the reasoning parser left (vLLM splits reasoning first).
-    info = plugin.AgentloopHermesToolParser(tok, req.tools).extract_tool_calls(split_reasoning(text, False)[1], req)
-    assert info.tools_called == bool(exp_calls)
+    rest = split_reasoning(text, False)[1]
+    info = plugin.AgentloopHermesToolParser(tok, req.tools).extract_tool_calls(rest, req)
+    # "called" also when a cut-off call was dropped, so vLLM takes our content over the raw text.
+    assert info.tools_called == (bool(exp_calls) or exp_content != rest)
     assert [(c.function.name, c.function.arguments) for c in info.tool_calls] == exp_calls
     assert all(c.id and c.type == "function" for c in info.tool_calls)
     assert len({c.id for c in info.tool_calls}) == len(info.tool_calls)
@@ -257,10 +263,10 @@ def compose(tok, tool_parser="agentloop_hermes", reasoning_parser="agentloop_thi
     return ParserManager.get_parser(tool_parser, reasoning_parser, enable_auto_tools=True, tokenizer=tok)
 
 
-def run_both(tok, parser_cls, req, thinking, text):
+def run_both(tok, parser_cls, req, thinking, text, eos=True):
     """(non-streaming, streaming) results of vLLM's composed parser on one output."""
     kwargs = {"enable_thinking": thinking}
-    ids = output_ids(tok, text)
+    ids = output_ids(tok, text, eos)
     parser = parser_cls(tok, req.tools, chat_template_kwargs=kwargs)
     parser.adjust_request(req)
     reasoning, content, calls = parser.parse(tok.decode(ids, skip_special_tokens=True), req, enable_auto_tools=True,
@@ -324,3 +330,108 @@ def test_forced_tool_choice_with_and_without_thinking(tok, choice, thinking, tex
     assert [(n, json.loads(a)) for n, a in c1] == [(n, json.loads(a)) for n, a in calls]
     assert [(n, json.loads(a)) for n, a in c2] == [(n, json.loads(a)) for n, a in calls]
     assert r1 == r2 == (text.split("\n</think>")[0] if thinking else None)
+
+
+# ------------------------------------------------------ constrained calls
+
+# Outputs cut off by max_tokens (no end-of-turn token): what the grammar lets
+# the model write, stopped anywhere. (tool_choice, output, calls expected)
+CUT = [
+    ("auto", "Sure.\n" + CALL_PARIS[:30], []),
+    ("auto", "Sure.\n<tool", []),
+    ("auto", CALL_PARIS + "\n" + CALL_TIME[:-4], [("get_weather", '{"city": "Paris"}')]),
+    ("required", "<tool", []),
+    ("required", CALL_PARIS[:40], []),
+    ("required", CALL_PARIS[:-1], []),  # the body is whole, only `</tool_call>` is cut: not a call yet
+    ("required", CALL_PARIS + CALL_TIME[:20], [("get_weather", '{"city": "Paris"}')]),
+    ("named", CALL_PARIS[:25], []),
+]
+
+
+@pytest.mark.parametrize("choice,text,calls", CUT, ids=[f"{c[0]}-{i}" for i, c in enumerate(CUT)])
+def test_cut_off_call_is_neither_a_call_nor_content(tok, choice, text, calls):
+    tool_choice = {"type": "function", "function": {"name": "get_weather"}} if choice == "named" else choice
+    req = request(False, tool_choice=tool_choice)
+    non_stream, stream = run_both(tok, compose(tok), req, False, text, eos=False)
+    assert non_stream == stream
+    _, content, got = non_stream
+    assert [(n, json.loads(a)) for n, a in got] == [(n, json.loads(a)) for n, a in calls]
+    assert "<" not in content
+    if choice != "auto":
+        assert content == ""  # a forced call has no text around it
+    else:
+        assert content == (text.split("\n")[0] if text.startswith("Sure.") else "")
+
+
+BAD_SCHEMAS = [
+    ("ref_to_nowhere", {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}, "$defs"),
+    ("unknown_type", {"type": "object", "properties": {"a": {"type": "foo"}}}, 'Unsupported type "foo"'),
+    ("lookbehind_pattern", {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}},
+     "Lookbehind"),
+    ("bfcl_dict", {"type": "dict", "properties": {}}, '"type": "dict"'),
+    ("not_an_object", {"type": "string"}, '"type": "string"'),
+    ("min_over_max", {"type": "object", "properties": {"n": {"type": "integer", "minimum": 2, "maximum": 1}}},
+     "minimum greater than maximum"),
+]
+
+
+@pytest.mark.parametrize("name,schema,reason", BAD_SCHEMAS, ids=[b[0] for b in BAD_SCHEMAS])
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_unusable_schema_is_a_400_naming_the_tool(tok, name, schema, reason, choice):
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "broken", "parameters": schema}}]
+    req = request(False, tools=tools, tool_choice=choice)
+    with pytest.raises(VLLMValidationError) as e:
+        compose(tok)(tok, req.tools, chat_template_kwargs={}).adjust_request(req)
+    assert "'broken'" in str(e.value) and reason in str(e.value)
+    err = create_error_response(e.value).error
+    assert err.code == 400 and err.param == "tools[1].function.parameters"
+
+
+def test_call_grammar_arguments_are_objects_with_bounded_whitespace(tok):
+    tools = [{"type": "function", "function": {"name": "anything"}},  # no parameters at all
+             {"type": "function", "function": {"name": "empty", "parameters": {}}},
+             {"type": "function", "function": {"name": "untyped", "parameters": {"properties": {"a": {"type": "integer"}}}}},
+             TOOLS[0]]
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "untyped"}}):
+        req = request(False, tools=tools, tool_choice=choice)
+        tag = compose(tok)(tok, req.tools, chat_template_kwargs={}).adjust_request(req).structured_outputs.structural_tag
+        contents = [t["content"] for t in json.loads(tag)["format"]["tags"]]
+        assert contents and all(c["json_schema"].get("type") == "object" for c in contents)
+        assert all(c["max_whitespace_cnt"] == plugin.MAX_WHITESPACE_RUN for c in contents)
+        if choice == "auto":  # free text around calls never holds a stray closing tag
+            assert json.loads(tag)["format"]["excludes"] == ["</tool_call>"]
+    # A response_format OR-ed into an auto request is the client's own constraint: left alone.
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    req = request(False, tool_choice="auto",
+                  response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    tag = json.loads(compose(tok)(tok, req.tools, chat_template_kwargs={}).adjust_request(req).structured_outputs.structural_tag)
+    (tools_part, output_part) = tag["format"]["elements"]
+    assert output_part["json_schema"] == schema and output_part.get("max_whitespace_cnt") is None
+    assert all(t["content"]["max_whitespace_cnt"] == 1 for t in tools_part["tags"])
+
+
+def test_required_keys_are_declared_for_the_grammar():
+    """xgrammar writes declared properties only: a required-but-undeclared key (valid JSON
+    Schema, any value) is declared as `{}`, or the grammar could only write invalid objects."""
+    schema = {"type": "object", "properties": {"population": {"type": "object", "required": ["adults"]},
+                                               "closed": {"type": "object", "required": ["x"],
+                                                          "additionalProperties": False}},
+              "required": ["population"]}
+    got = plugin.object_schema(schema)
+    assert got["properties"]["population"]["properties"] == {"adults": {}}
+    assert "properties" not in got["properties"]["closed"]  # unsatisfiable as sent: left alone
+    assert plugin.object_schema({"properties": {}})["type"] == "object"
+    assert plugin.object_schema(None) == plugin.object_schema(True) == {"type": "object"}
+    assert schema["properties"]["population"] == {"type": "object", "required": ["adults"]}  # not mutated
+
+
+def test_schema_check_is_cached():
+    plugin._schema_problem.cache_clear()
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string", "enum": [f"v{j}" for j in range(20)]}
+                                            for i in range(40)}}
+    tools = [ChatCompletionRequest(model="m", messages=MESSAGES, tools=[
+        {"type": "function", "function": {"name": "big", "parameters": big}}]).tools[0]]
+    for _ in range(3):
+        plugin.check_tool_schemas(tools)
+    info = plugin._schema_problem.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
