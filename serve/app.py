@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
 
         if not req.stream:
             try:
-                resp = chat.fix_response(first, cid)
+                resp = chat.fix_response(first, cid, req)
             finally:
                 await agen.aclose()
                 gw.metrics.inflight.dec()
@@ -238,6 +238,7 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
 
         async def relay():
             asm = chat.StreamAssembler()
+            fixer = chat.FinishFixer(req)
             status, error, ttft = 200, None, time.perf_counter() - t0
             chunk = first
             try:
@@ -250,14 +251,19 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
                         error = err.get("message")
                         yield f"data: {_dumps(chunk)}\n\n"
                     else:
-                        asm.add(chunk)
-                        out = chat.fix_chunk(chunk, cid, wants_usage)
-                        if out is not None:
-                            yield f"data: {_dumps(out)}\n\n"
+                        for c in fixer.feed(chunk):
+                            asm.add(c)
+                            out = chat.fix_chunk(c, cid, wants_usage)
+                            if out is not None:
+                                yield f"data: {_dumps(out)}\n\n"
                     try:
                         chunk = await agen.__anext__()
                     except StopAsyncIteration:
                         break
+                for c in fixer.flush():
+                    asm.add(c)
+                    if (out := chat.fix_chunk(c, cid, wants_usage)) is not None:
+                        yield f"data: {_dumps(out)}\n\n"
                 yield "data: [DONE]\n\n"
             except AgentloopError as e:
                 # Headers are gone: the error travels in the stream, as OpenAI does.

@@ -154,11 +154,69 @@ def _fix_message(m: dict[str, Any] | None) -> None:
         m["reasoning_content"] = r
 
 
-def fix_response(resp: dict[str, Any], completion_id: str) -> dict[str, Any]:
+def _token_limit(req: ChatRequest) -> int | None:
+    return req.max_completion_tokens or req.max_tokens
+
+
+def _forced(req: ChatRequest) -> bool:
+    return req.tool_choice == "required" or isinstance(req.tool_choice, dict)
+
+
+def cut_finish(finish: str | None, completion_tokens: Any, req: ChatRequest) -> str | None:
+    """vLLM reports "tool_calls" whenever a call was returned, even when the
+    token cap cut the output after it (the later, cut-off calls are dropped by
+    our parser). The client must learn that the turn is incomplete, so a
+    single-choice answer that used its whole cap is "length", as OpenAI does.
+    (With n > 1 usage is summed over choices, so it cannot tell which was cut.)"""
+    limit = _token_limit(req)
+    if (finish == "tool_calls" and req.n == 1 and limit is not None
+            and isinstance(completion_tokens, int) and completion_tokens >= limit):
+        return "length"
+    return finish
+
+
+def fix_response(resp: dict[str, Any], completion_id: str, req: ChatRequest | None = None) -> dict[str, Any]:
     resp["id"] = completion_id
+    used = (resp.get("usage") or {}).get("completion_tokens")
     for ch in resp.get("choices") or []:
-        _fix_message(ch.get("message"))
+        m = ch.get("message")
+        _fix_message(m)
+        if req is None:
+            continue
+        # vLLM's forced path writes content "" where OpenAI sends null.
+        if m and m.get("content") == "" and (m.get("tool_calls") or _forced(req)):
+            m["content"] = None
+        ch["finish_reason"] = cut_finish(ch.get("finish_reason"), used, req)
     return resp
+
+
+class FinishFixer:
+    """Holds back the chunk that carries a "tool_calls" finish until the usage
+    chunk that follows it (the gateway always asks the engine for usage), so
+    `cut_finish` can correct it; everything else passes straight through."""
+
+    def __init__(self, req: ChatRequest):
+        self.req = req
+        self.held: dict[str, Any] | None = None
+        self.active = req.n == 1 and _token_limit(req) is not None
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.active:
+            return [chunk]
+        if self.held is not None:
+            held, self.held = self.held, None
+            used = (chunk.get("usage") or {}).get("completion_tokens")
+            for ch in held.get("choices") or []:
+                ch["finish_reason"] = cut_finish(ch.get("finish_reason"), used, self.req)
+            return [held, chunk]
+        if any(ch.get("finish_reason") == "tool_calls" for ch in chunk.get("choices") or []):
+            self.held = chunk
+            return []
+        return [chunk]
+
+    def flush(self) -> list[dict[str, Any]]:
+        held, self.held = self.held, None
+        return [held] if held is not None else []
 
 
 def fix_chunk(chunk: dict[str, Any], completion_id: str, client_wants_usage: bool) -> dict[str, Any] | None:

@@ -124,6 +124,10 @@ class EngineError(AgentloopError):
         # code 400; OpenAI's codes are strings or null.
         if code is not None and not isinstance(code, str):
             code = None
+        # vLLM labels some client errors "BadRequestError" (the exception's
+        # class name); OpenAI's type for every 4xx of this kind is this one.
+        if status < 500:
+            etype = "invalid_request_error"
         if status == 404 and message.startswith("The model"):
             code = code or "model_not_found"
         return cls(status, message, type=etype, param=param, code=code)

@@ -247,7 +247,7 @@ def check_tool_schemas(tools: Sequence[Any]) -> None:
                 f"tool calls: {problem}", parameter=where)
 
 
-def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str) -> str:
+def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str, separator: str = "\n") -> str:
     """Rewrite vLLM's tool-call structural tag: every call's arguments format
     gets an object schema and the whitespace bound, and the free text of auto
     mode may not contain `close_tag` (outside a call it is only ever stray
@@ -265,6 +265,12 @@ def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str) -> st
         if node.get("type") == "triggered_tags" and open_tag in (node.get("triggers") or ()):
             excludes = list(node.get("excludes") or [])
             node["excludes"] = excludes + ([close_tag] if close_tag not in excludes else [])
+        if (node.get("type") == "tags_with_separator" and not node.get("separator")
+                and any(str(t.get("begin", "")).startswith(open_tag) for t in node.get("tags") or ())):
+            # vLLM joins forced calls with "", but our template (what the model
+            # was trained on) puts a newline between two calls: with "" the
+            # grammar could only end the turn after the first call.
+            node["separator"] = separator
         content = node.get("content")
         if (node.get("type") == "tag" and str(node.get("begin", "")).startswith(open_tag)
                 and isinstance(content, dict) and content.get("type") == "json_schema"):

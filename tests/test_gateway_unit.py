@@ -180,6 +180,46 @@ def test_engine_client_error_keeps_its_status(tmp_path):
     with make_client(tmp_path, FakeEngine(fail=fail)) as c:
         r = c.post("/v1/chat/completions", json={"model": "agentloop", "messages": MSG})
     assert r.status_code == 400 and r.json()["error"]["message"] == "prompt too long"
+    # OpenAI's type for a client error, not vLLM's exception class name.
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["code"] is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize("max_tokens,finish", [(3, "length"), (50, "tool_calls"), (None, "tool_calls")])
+def test_calls_cut_by_the_cap_finish_with_length(tmp_path, stream, max_tokens, finish):
+    """vLLM says "tool_calls" even when the cap cut the turn after a complete
+    call; the fake uses 3 completion tokens, so a cap of 3 means cut."""
+
+    class CallingEngine(FakeEngine):
+        async def chat(self, body):
+            async for chunk in super().chat(body):
+                for ch in chunk.get("choices") or []:
+                    if "message" in ch:
+                        ch["message"].update(content="", tool_calls=[
+                            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
+                        ch["finish_reason"] = "tool_calls"
+                yield chunk
+
+    body = {"model": "agentloop", "messages": MSG, "stream": stream, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    with make_client(tmp_path, CallingEngine()) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            finishes = [ch["finish_reason"] for x in chunks for ch in x["choices"] if ch.get("finish_reason")]
+            assert finishes == [finish]
+            assert not any(x.get("usage") for x in chunks)  # the client did not ask for usage
+        else:
+            msg = r.json()["choices"][0]
+            assert msg["finish_reason"] == finish
+            assert msg["message"]["content"] is None  # OpenAI's null, not vLLM's ""
+            assert msg["message"]["tool_calls"][0]["function"]["name"] == "f"
+        (row,) = rows(tmp_path, c)
+    assert row["finish_reason"] == finish
 
 
 def test_models_health_metrics(tmp_path):

@@ -303,7 +303,7 @@ def test_composed_parser_without_tools_passes_text_through(tok):
 CALL_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 CALL_TIME = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 FORCED = [
-    ("required", False, CALL_PARIS + CALL_TIME, [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]),
+    ("required", False, CALL_PARIS + "\n" + CALL_TIME, [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]),
     ("required", True, "Two tools.\n</think>\n\n" + CALL_PARIS, [("get_weather", '{"city": "Paris"}')]),
     ("named", False, CALL_PARIS, [("get_weather", '{"city": "Paris"}')]),
     ("named", True, "Use get_weather.\n</think>\n\n" + CALL_PARIS, [("get_weather", '{"city": "Paris"}')]),
@@ -325,6 +325,8 @@ def test_forced_tool_choice_with_and_without_thinking(tok, choice, thinking, tex
     assert any(t["content"]["json_schema"] == req.tools[0].function.parameters for t in tags)
     if choice == "named":
         assert {t["begin"].split('"name": "')[1].split('"')[0] for t in tags} == {"get_weather"}
+    else:  # two calls are joined as the template joins them, or the grammar stops after one
+        assert tag["format"]["separator"] == "\n"
     assert adjusted.structured_outputs.json is None  # not vLLM's JSON-list format
     (r1, _, c1), (r2, _, c2) = run_both(tok, parser_cls, req, thinking, text)
     assert [(n, json.loads(a)) for n, a in c1] == [(n, json.loads(a)) for n, a in calls]
