@@ -7,7 +7,13 @@ sides alike): C concurrent streaming requests each, for R rounds. Prints
 throughput (completion tokens/s), the ratio gateway/direct, and the added
 p50/p99 of time-to-first-token and of total latency.
 
-    .venv/bin/python -m bench.gateway_overhead --concurrency 32 --rounds 6
+Under 32 concurrent streams the engine's batching dominates every latency, so
+the added latency is also measured alone (`--pairs N`): N single streams one
+at a time, each pair sent direct and through the gateway back to back (order
+alternating), and the median of the per-pair differences is printed -- what
+one request pays for the extra hop, free of the load's noise.
+
+    .venv/bin/python -m bench.gateway_overhead --concurrency 32 --rounds 6 --pairs 200
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,6 +67,23 @@ async def round_(url: str, model: str, concurrency: int, max_tokens: int) -> dic
     return {"wall": wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res], "tokens": sum(r[2] for r in res)}
 
 
+async def paired(gateway: str, engine: str, pairs: int, max_tokens: int) -> dict:
+    """Per-pair differences (gateway - direct) of TTFT and latency, single streams."""
+    d_ttft, d_lat = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(pairs):
+            sides = [(engine, "agentloop@v0000"), (gateway, "agentloop")]
+            if i % 2:
+                sides.reverse()
+            res = {}
+            for url, model in sides:
+                res[url] = await one(client, url, model, max_tokens, i)
+            d_ttft.append(res[gateway][0] - res[engine][0])
+            d_lat.append(res[gateway][1] - res[engine][1])
+    return {"pairs": pairs, "ttft_p50": statistics.median(d_ttft), "lat_p50": statistics.median(d_lat),
+            "ttft_p90": pct(d_ttft, 90), "lat_p90": pct(d_lat, 90)}
+
+
 async def bench(gateway: str, engine: str, args) -> dict:
     # Warm both paths (first requests compile/allocate).
     await round_(engine, "agentloop@v0000", 4, 8)
@@ -76,6 +100,8 @@ async def bench(gateway: str, engine: str, args) -> dict:
         lat = [x for r in rounds for x in r["lat"]]
         out[side] = {"tok_s": tokens / wall, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
                      "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99), "requests": len(lat)}
+    if args.pairs:
+        out["paired"] = await paired(gateway, engine, args.pairs, args.pair_tokens)
     return out
 
 
@@ -84,6 +110,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=200, help="single-stream pairs for the added latency (0: skip)")
+    p.add_argument("--pair-tokens", type=int, default=8, help="max_tokens of each single stream")
     p.add_argument("--gateway", help="URL of a running gateway (with --engine); default: start one")
     p.add_argument("--engine", help="URL of the vLLM server behind --gateway")
     args = p.parse_args()
@@ -111,6 +139,12 @@ def main() -> None:
     print(f"throughput ratio gateway/direct: {g['tok_s'] / d['tok_s']:.3f}")
     print(f"added ttft    p50 {1000*(g['ttft_p50']-d['ttft_p50']):+.2f} ms  p99 {1000*(g['ttft_p99']-d['ttft_p99']):+.2f} ms")
     print(f"added latency p50 {1000*(g['lat_p50']-d['lat_p50']):+.2f} ms  p99 {1000*(g['lat_p99']-d['lat_p99']):+.2f} ms")
+    if "paired" in res:
+        q = res["paired"]
+        print(f"single streams, {q['pairs']} pairs, {args.pair_tokens} tokens each: added ttft median "
+              f"{1000*q['ttft_p50']:+.2f} ms (p90 {1000*q['ttft_p90']:+.2f}), added latency median "
+              f"{1000*q['lat_p50']:+.2f} ms (p90 {1000*q['lat_p90']:+.2f})")
+    print(f"load average during the run: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
