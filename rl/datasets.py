@@ -67,10 +67,12 @@ class DatasetConfig:
     max_length: int | None = _help(
         "Drop examples whose rendered prompt+completion is longer, in tokens (the tokenizer's count if one "
         "is given to build_dataset, else characters/4). None keeps all.", default=4096)
-    max_per_caller: int | None = _help("At most this many examples per caller (chosen by hash).", default=None)
+    max_per_caller: int | None = _help(
+        "At most this many examples per caller (chosen by hash), applied before the held-out split: it "
+        "bounds a caller's share of the training and held-out sets alike.", default=None)
     max_caller_fraction: float | None = _help(
-        "At most this fraction (0..1] of the examples (counted before the cap) per caller, at least 1.",
-        default=None)
+        "At most this fraction (0..1] of the examples (counted before the cap) per caller, at least 1; "
+        "applied before the split, like max_per_caller.", default=None)
     exclude_callers: tuple[str, ...] = _help("Caller ids whose feedback is never used (untrusted).", default=())
     rating_desirable_min: int = _help("KTO: ratings >= this are desirable.", default=4)
     rating_undesirable_max: int = _help("KTO: ratings <= this are undesirable; those between are dropped.",

@@ -5,8 +5,11 @@ Two checks, both against the version that is live now:
    the adapter's implicit reward margin is positive, i.e.
    [log p(chosen) - log p(rejected)] under the adapter minus the same under
    the base model (DPO's implicit reward with the base as reference). The base
-   itself scores 0 by definition. The candidate must beat the live version by
-   `min_accuracy_gain`.
+   itself scores 0 by definition. Callers weigh equally: `accuracy` is the mean
+   of each caller's (API key's) own share, so a key that floods the held-out
+   set still counts as one voice (`pair_accuracy` is the plain share). The
+   candidate must reach `min_accuracy` (most voices agree with it) and beat
+   the live version by `min_accuracy_gain`.
 2. Tool-call validity on a fixed regression set, through the real engine: the
    share of forced tool calls that name an offered tool and whose arguments
    validate against its schema. It must not drop by more than `max_validity_drop`.
@@ -32,6 +35,9 @@ REGRESSION_SET = Path(__file__).with_name("regression_tools.json")
 class GateConfig:
     min_accuracy_gain: float = field(default=0.1, metadata={
         "help": "Candidate preference accuracy must exceed the live version's by at least this much (0..1)."})
+    min_accuracy: float = field(default=0.5, metadata={
+        "help": "Candidate preference accuracy, callers weighed equally, must be at least this (0..1): a "
+                "candidate most held-out voices disagree with is refused, however one key voted."})
     min_eval_pairs: int = field(default=2, metadata={
         "help": "Fewest held-out preference pairs for the preference check to count; fewer rejects the candidate."})
     max_validity_drop: float = field(default=0.0, metadata={
@@ -42,12 +48,29 @@ class GateConfig:
             raise ValueError("min_accuracy_gain must be in [-1, 1]")
         if self.min_eval_pairs < 1:
             raise ValueError("min_eval_pairs must be >= 1")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError("min_accuracy must be in [0, 1]")
         if not 0.0 <= self.max_validity_drop <= 1.0:
             raise ValueError("max_validity_drop must be in [0, 1]")
 
 
+def summarize(margins: list[float], callers: list[str]) -> dict:
+    """Accuracy numbers for one adapter's margins on rows from `callers` (one per row).
+
+    `accuracy` averages per-caller accuracies, so each caller is one voice however
+    many pairs it has in the held-out set; `pair_accuracy` counts pairs."""
+    by_caller: dict[str, list[float]] = {}
+    for m, c in zip(margins, callers):
+        by_caller.setdefault(c, []).append(m)
+    per = [sum(x > 0 for x in ms) / len(ms) for ms in by_caller.values()]
+    n = len(margins)
+    return {"accuracy": sum(per) / len(per) if per else 0.0,
+            "pair_accuracy": sum(m > 0 for m in margins) / n if n else 0.0,
+            "mean_margin": sum(margins) / n if n else 0.0, "n": n, "callers": len(by_caller)}
+
+
 def preference_accuracy(base_model: str, template: str, rows: list[dict], adapters: dict[str, str | None]) -> dict:
-    """{name: {"accuracy", "mean_margin", "n"}} for each adapter folder (None = the base)."""
+    """{name: summarize(...)} for each adapter folder (None = the base)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -71,8 +94,7 @@ def preference_accuracy(base_model: str, template: str, rows: list[dict], adapte
             model.set_adapter(name)
             model.eval()
             margins = [m - b for m, b in zip(preference_margins(model, tok, template, rows), base_margins)]
-        out[name] = {"accuracy": sum(m > 0 for m in margins) / len(margins) if margins else 0.0,
-                     "mean_margin": sum(margins) / len(margins) if margins else 0.0, "n": len(margins)}
+        out[name] = summarize(margins, [str(r.get("caller") or "") for r in rows])
     return out
 
 
@@ -112,6 +134,10 @@ def decide(cfg: GateConfig, pref: dict, tools: dict) -> tuple[bool, str]:
     cand, live = pref["candidate"], pref["live"]
     if cand["n"] < cfg.min_eval_pairs:
         return False, f"only {cand['n']} held-out preference pairs (< {cfg.min_eval_pairs})"
+    if cand["accuracy"] < cfg.min_accuracy:
+        voices = f" over {cand['callers']} callers" if cand.get("callers") else ""
+        return False, (f"preference accuracy {cand['accuracy']:.2f}{voices} (each caller one voice) is below "
+                       f"{cfg.min_accuracy:.2f}: most held-out feedback prefers other answers")
     gain = cand["accuracy"] - live["accuracy"]
     if gain < cfg.min_accuracy_gain:
         return False, (f"preference accuracy {cand['accuracy']:.2f} does not beat live {live['accuracy']:.2f} "

@@ -29,10 +29,14 @@ inside the registry root and committed only after training succeeded and
 validated; a failed, terminated or SIGKILLed run leaves no version (only a
 temp folder that `list()` ignores and `gc()` removes once this pid is gone).
 Everything libraries print goes to stderr; stdout carries only events.
+A job started by `start_job` is SIGTERMed when its starter dies (Linux), so a
+gateway killed mid-run leaves no orphan training beside the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -160,6 +164,27 @@ def _event_stream() -> IO[str]:
     return out
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this job when the process that started it dies (Linux; a no-op elsewhere).
+
+    The job runs in its own session, so a SIGKILLed gateway would leave it training: the
+    restarted gateway marks the run failed and may start another, and two trainings would
+    share the machine until the orphan noticed its closed stdout at its next event (a
+    whole step later, minutes on a big model). The kernel fires the signal when the
+    thread that started us exits, so start_job must be called from a long-lived thread
+    (the gateway's event loop is one).
+    """
+    parent = os.environ.get("AGENTLOOP_JOB_PARENT")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stream = _event_stream()
@@ -183,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        _die_with_parent()  # after the handlers: the signal must unwind through the cleanup
         if len(argv) != 1:
             raise ValueError("usage: python -m rl.job <spec.json | ->")
         text = sys.stdin.read() if argv[0] == "-" else Path(argv[0]).read_text()
@@ -192,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         run_spec(spec, emit)
         return 0
     except JobTerminated as exc:
-        emit({"event": "failed", "error": str(exc)})
+        print(f"rl.job: {exc}", file=sys.stderr)  # the job's log says why it stopped
+        # A stop whose cause is the starter's death (see _die_with_parent) has no reader left.
+        with contextlib.suppress(BrokenPipeError):
+            emit({"event": "failed", "error": str(exc)})
         return 128 + exc.signum
     except Exception as exc:  # noqa: BLE001 - every failure is reported as an event
         import traceback
@@ -210,6 +239,7 @@ def start_job(spec: dict, *, log_path: str | Path | None = None, env: dict | Non
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("HF_HUB_OFFLINE", "1")
     full_env["PYTHONUNBUFFERED"] = "1"
+    full_env["AGENTLOOP_JOB_PARENT"] = str(os.getpid())  # see _die_with_parent
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p)
     stderr = open(log_path, "ab") if log_path is not None else None
     try:

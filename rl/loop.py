@@ -13,7 +13,10 @@ Invariants:
   and a restart sees the truth;
 - a candidate that fails the gate is kept in the registry as `rejected` with
   its numbers and nothing changes for users; only a passing candidate of a
-  run asked to promote becomes live.
+  run asked to promote becomes live;
+- feedback of keys marked untrusted never enters a training set or the gate's
+  held-out pairs (unless `exclude_untrusted` is turned off), and the per-caller
+  caps bound what one key contributes to both.
 """
 
 from __future__ import annotations
@@ -41,8 +44,14 @@ class LoopConfig:
     min_train_examples: int = field(default=4, metadata={"help": "Fewer training examples than this: no run."})
     eval_percent: int = field(default=20, metadata={"help": "Share of conversations held out for the gate (0..100)."})
     max_caller_fraction: float | None = field(default=None, metadata={
-        "help": "At most this share of a training set may come from one caller (poisoning defence)."})
+        "help": "Poisoning defence: at most this share (0..1] of the examples may come from one caller (API key); "
+                "applied before the held-out split, so it bounds the training and the gate's sets alike."})
+    max_per_caller: int | None = field(default=None, metadata={
+        "help": "Poisoning defence: at most this many examples per caller, training and held-out together."})
     exclude_callers: tuple[str, ...] = field(default=(), metadata={"help": "Callers never trained on (untrusted)."})
+    exclude_untrusted: bool = field(default=True, metadata={
+        "help": "Leave out the feedback of API keys marked untrusted (`agentloop keys untrust ID`): stored, but "
+                "never in a training set nor in the gate's held-out pairs."})
     train: dict = field(default_factory=dict, metadata={"help": "Overrides of the DPO/KTO job config."})
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "The promotion gate."})
     min_new_feedback: int = field(default=32, metadata={"help": "Scheduler: new feedback that triggers a run."})
@@ -107,15 +116,19 @@ class Iteration:
         self.store.update_run(run_id, status="running")
         work = self.work_dir / run_id
         # 1. The datasets: training data for the chosen method, and preference pairs for the gate.
+        untrusted = tuple(await asyncio.to_thread(self.store.untrusted_callers)) if cfg.exclude_untrusted else ()
         common = dict(eval_percent=cfg.eval_percent, max_caller_fraction=cfg.max_caller_fraction,
-                      exclude_callers=cfg.exclude_callers)
+                      max_per_caller=cfg.max_per_caller,
+                      exclude_callers=tuple(dict.fromkeys(cfg.exclude_callers + untrusted)))
         build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(kind=cfg.method, **common))
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
             build_dataset, self.store, DatasetConfig(kind="dpo", **common))
         files = build.to_jsonl(work / "data")
         gate_files = pairs.to_jsonl(work / "gate") if pairs is not build else files
         dataset = {"kind": cfg.method, "train": len(build.train), "eval": len(build.eval),
-                   "gate_pairs": len(pairs.eval), "stats": build.stats, "feedback_ids": len(build.dataset_ids)}
+                   "gate_pairs": len(pairs.eval), "gate_callers": len({r["caller"] for r in pairs.eval}),
+                   "untrusted_callers": len(untrusted), "stats": build.stats,
+                   "feedback_ids": len(build.dataset_ids)}
         self.store.update_run(run_id, dataset=dataset)
         if len(build.train) < cfg.min_train_examples:
             return self.store.update_run(run_id, status="failed", reason=(

@@ -340,6 +340,11 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -478,6 +483,9 @@ class AdapterRegistry:
         try:
             for name in ADAPTER_FILES:
                 shutil.copyfile(src_dir / name, tmp / name)
+                # On disk before the rename publishes them: after a machine crash (not
+                # only a killed process) a version must never hold empty or torn files.
+                _fsync_file(tmp / name)
             info = validate_adapter(tmp, max_rank=self.max_rank, base_model_dir=_local_dir(base_model))
             now = _iso(time.time())
             manifest = Manifest(
@@ -490,6 +498,7 @@ class AdapterRegistry:
             with self._lock():
                 manifest.version = self.next_version()
                 _write_json_atomic(tmp / MANIFEST, manifest.to_dict())
+                _fsync_dir(tmp)  # the three names themselves, before the folder is renamed into place
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; engines may run as another user
                 target = self.root / manifest.version
                 os.rename(tmp, target)  # the number is free: taken under the lock, never reused

@@ -44,14 +44,32 @@ class AdapterManager:
         return self.gw.router
 
     def restore(self) -> None:
-        """At start-up: serve the base and whatever the registry says is live."""
+        """At start-up: serve the base and whatever the registry says is live (if it still verifies)."""
         base = self.registry.get(BASE_VERSION)
         self.router.add_version(BASE_VERSION, str(base.path))
-        live = self.registry.live()
+        live = self._verified_live()
         if live is not None:
             self.router.add_version(live.version, str(live.path), live=True)
         else:
             self.router.set_live(self.router.name_of(BASE_VERSION))
+
+    def _verified_live(self):
+        """The registry's live version, re-verified like a promotion is.
+
+        A live version whose files no longer verify (damaged or changed on disk
+        since it was promoted) must not be served: every engine would refuse
+        it, and an engine missing a served adapter is never ready, so the whole
+        gateway would answer 503 forever. It is marked rejected with the reason
+        and the next live one (after a crash mid-promotion, the previous) or the
+        base serves instead, until an operator promotes again.
+        """
+        while (live := self.registry.live()) is not None and live.version != BASE_VERSION:
+            try:
+                return self.registry.verify(live.version)
+            except RegistryError as e:
+                log.error("live adapter %s failed verification at start-up, not serving it: %s", live.version, e)
+                self.registry.set_status(live.version, "rejected", f"failed verification at start-up: {e}")
+        return live
 
     def _manifest(self, version: str):
         try:

@@ -65,6 +65,16 @@ def require_admin(request: Request) -> None:
         raise PermissionDenied("Admin endpoints are disabled: set AGENTLOOP_ADMIN_KEY to enable them.")
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    gate = request.app.state.gw.access
+    user_key = gate.keys.key_id_of(token) if gate is not None and token else None
+    if user_key is not None:
+        # Checked before the admin key: a user key that equals the admin key
+        # (created by mistake) is known to a user, so it must not open /admin.
+        if hmac.compare_digest(token.encode(), key.encode()):
+            raise PermissionDenied(f"This admin key is also user API key {user_key}, so admin endpoints refuse it: "
+                                   "set a different AGENTLOOP_ADMIN_KEY.")
+        raise PermissionDenied("User API keys cannot use admin endpoints: send the admin key "
+                               "(AGENTLOOP_ADMIN_KEY) as Authorization: Bearer, or log in at /admin.")
     if token and hmac.compare_digest(token.encode(), key.encode()):
         return
     if not token and session_valid(request.cookies.get(SESSION_COOKIE), key):
@@ -91,6 +101,9 @@ async def login(request: Request):
     """Exchange the admin key for a session cookie: a form (people) or JSON `{"key"}`."""
     key = request.app.state.gw.settings.admin_key
     given, wants_json = await _login_key(request)
+    gate = request.app.state.gw.access
+    if gate is not None and gate.keys.key_id_of(given.strip()):
+        given = ""  # a user key never logs in, not even one equal to the admin key
     if not key or not given.strip() or not hmac.compare_digest(given.strip().encode(), key.encode()):
         message = ("Admin endpoints are disabled: set AGENTLOOP_ADMIN_KEY to enable them." if not key
                    else "Wrong admin key: access refused.")
@@ -143,6 +156,13 @@ def _version(body: dict[str, Any], *, required: bool = True) -> str | None:
 async def list_adapters(request: Request):
     mgr = _manager(request)
     return {"object": "list", "data": mgr.list()}
+
+
+@router.get("/models", dependencies=[Depends(require_admin)])
+async def list_models(request: Request):
+    """`GET /v1/models` for the dashboard: its session cookie is scoped to /admin, and
+    with API keys in use /v1 takes user keys only."""
+    return {"object": "list", "data": request.app.state.gw.router.list_models()}
 
 
 @router.post("/promote", dependencies=[Depends(require_admin)])

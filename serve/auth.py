@@ -1,15 +1,17 @@
-"""Who is calling. Today: a stable, non-reversible id derived from the bearer key.
+"""Who is calling: a stable, non-reversible id derived from the bearer key.
 
 Invariant: the raw key is never stored or logged; the same key always maps to
-the same caller id, so completions and feedback can be matched to their owner.
-(User key management and the admin key come with the hardening issue.)
+the same caller id (``serve.store_keys.caller_for_key``), managed key or open
+mode alike, so completions and feedback can be matched to their owner and a
+key created for an existing bearer keeps its history. Whether a key may call
+at all, and how much, is serve/access.py's business (it runs before routes).
 """
 
 from __future__ import annotations
 
-import hashlib
-
 from starlette.requests import Request
+
+from .store_keys import caller_for_key
 
 ANONYMOUS = "anonymous"
 
@@ -17,5 +19,5 @@ ANONYMOUS = "anonymous"
 def caller_of(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer ") and auth[7:].strip():
-        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:16]
+        return caller_for_key(auth[7:].strip())
     return ANONYMOUS

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from .errors import InvalidRequest
@@ -73,15 +75,63 @@ def conversation_hash(body: dict[str, Any]) -> str:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object that everything downstream can handle
+    (see `check_json_tree`); anything else is an InvalidRequest (400)."""
     try:
-        body = json.loads(raw)
+        # Python reads NaN, Infinity and 1e400, which are not JSON; the engine
+        # client (orjson) would send them on as null, another request than the
+        # one logged. Refused here, as a parse error.
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.")
     except (ValueError, RecursionError) as e:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {e}")
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    check_json_tree(body)
     return body
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond the range of a double (numbers must be finite)")
+    return value
+
+
+# Deepest nesting of arrays and objects a request body may have. json.loads
+# stops at the interpreter's recursion limit (~1000 levels), but a body under
+# it parses and then breaks the next code that walks it: the engine client's
+# orjson stops at 255 levels (a 500), and vLLM's validation, the chat template
+# and the grammar compiler all recurse too. Real requests (messages, tool
+# schemas) are far shallower.
+MAX_JSON_DEPTH = 100
+
+
+def check_json_tree(body: Any) -> None:
+    """Refuse (400) a parsed body that the rest of the way cannot carry: nested
+    deeper than MAX_JSON_DEPTH (checked level by level, so a hostile body
+    cannot make the check itself recurse), or holding what the engine client's
+    encoder refuses -- a lone UTF-16 surrogate (JSON may escape one, "\\ud800";
+    Python decodes it but cannot encode it as UTF-8 again, which the
+    conversation hash and the log also need) or an integer beyond 64 bits."""
+    level, depth = [body], 1
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+        below: list[Any] = []
+        for node in level:
+            children = node.values() if type(node) is dict else node
+            below += [v for v in children if type(v) in (dict, list)]
+        level, depth = below, depth + 1
+    try:
+        orjson.dumps(body)  # the encoder serve/engine.py sends bodies with
+    except TypeError as e:  # orjson.JSONEncodeError
+        raise InvalidRequest(f"The request body holds a value that cannot be passed on: {e}.") from None
 
 
 def validate(body: dict[str, Any]) -> ChatRequest:
@@ -97,7 +147,7 @@ def validate(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequest(f"Invalid value for '{loc}': {err['msg']}.", param=loc or None)
     for i, m in enumerate(req.messages):
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list role is unhashable: check the type first
             raise InvalidRequest(f"Invalid value for 'messages[{i}].role': {role!r}.", param=f"messages.[{i}].role")
         if role == "tool" and not isinstance(m.get("tool_call_id"), str):
             raise InvalidRequest(f"'messages[{i}]' of role 'tool' needs a string 'tool_call_id'.",
@@ -115,7 +165,8 @@ def validate(body: dict[str, Any]) -> ChatRequest:
         if tc == "required" and not names:
             raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given.", param="tool_choice")
     elif isinstance(tc, dict):
-        name = (tc.get("function") or {}).get("name")
+        fn = tc.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None  # "function": "f" is a 400, not a crash
         if tc.get("type") != "function" or not isinstance(name, str):
             raise InvalidRequest("A named 'tool_choice' must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
                                  param="tool_choice")

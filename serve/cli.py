@@ -1,8 +1,8 @@
 """The `agentloop` command line. Domain errors become exit codes here, nowhere else.
 
-Commands: serve; chat (a terminal chat with feedback, agents/cli_chat.py); and the
+Commands: serve; chat (a terminal chat with feedback, agents/cli_chat.py); the
 admin commands train, promote, rollback, canary, adapters, runs, loop
-(serve/cli_admin.py).
+(serve/cli_admin.py); and keys (user API keys, serve/cli_keys.py).
 
 Invariant: `agentloop serve` with no arguments serves the embedded default
 model on 127.0.0.1; every flag has an AGENTLOOP_* environment twin.
@@ -19,9 +19,6 @@ from .errors import AgentloopError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
     from .settings import Settings
 
     overrides = {k: v for k, v in {
@@ -32,14 +29,33 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["engine_urls"] = args.engine_url
     if args.engine_arg:
         overrides["engine_extra_args"] = args.engine_arg
+    if args.open:
+        overrides["open"] = True
     settings = Settings(**overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
+    if (why := _access_refusal(settings)) is not None:
+        print(f"agentloop: {why}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
     app = create_app(settings)
     # uvicorn turns SIGINT/SIGTERM into a lifespan shutdown, which stops the
     # supervised engine: no orphan survives a clean stop.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=30)
     return 0
+
+
+def _access_refusal(settings) -> str | None:
+    # Said here in one line, before anything starts; the gateway checks again at
+    # start-up (serve/access.py) for apps built without this CLI.
+    from .access import refusal
+    from .store import Store
+
+    with Store(settings.db_url) as store:
+        return refusal(settings.host, settings.open, store.count_active_keys())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-port", type=int, help="Port of the supervised vLLM server (default 8100).")
     s.add_argument("--engine-arg", action="append", help="Extra argument for the supervised vLLM (repeatable).")
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
+    s.add_argument("--open", action="store_true", default=None,
+                   help="Serve /v1 without API keys on a non-loopback address while no key exists "
+                        "(AGENTLOOP_OPEN; local use only: anyone who can connect can use the model).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 
     from .cli_admin import add_commands
 
     add_commands(sub)
+    from .cli_keys import add_commands as add_key_commands
+
+    add_key_commands(sub)
     from agents.cli_chat import add_chat_command
 
     add_chat_command(sub)
@@ -70,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),
+    # Commands without --log-level log warnings only: an admin command's error must be the one
+    # line on stderr (httpx would add an INFO line per request).
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "warning").upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

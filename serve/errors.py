@@ -131,3 +131,36 @@ class EngineError(AgentloopError):
         if status == 404 and message.startswith("The model"):
             code = code or "model_not_found"
         return cls(status, message, type=etype, param=param, code=code)
+
+
+class RequestTooLarge(AgentloopError):
+    """The request body is over the caller's (or the route's) size limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(AgentloopError):
+    """Too many requests per minute, or too many at once, for this key: retry later.
+
+    Shaped as OpenAI's 429 for a request-rate limit: type "requests", code
+    "rate_limit_exceeded" (its SDKs raise RateLimitError and honour Retry-After)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, limit: int | None = None, remaining: int | None = None):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+        self.limit = limit
+        self.remaining = remaining
+
+    def headers(self) -> dict[str, str]:
+        out = {"Retry-After": str(self.retry_after)}
+        if self.limit is not None:
+            out["x-ratelimit-limit-requests"] = str(self.limit)
+            out["x-ratelimit-remaining-requests"] = str(self.remaining or 0)
+            out["x-ratelimit-reset-requests"] = f"{self.retry_after}s"
+        return out

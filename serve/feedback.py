@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 
 from . import chat
 from .auth import caller_of
-from .errors import AgentloopError, InvalidRequest, NotFound
+from .errors import AgentloopError, InvalidRequest, NotFound, RequestTooLarge
 from .store_feedback import FEEDBACK_TYPES
 
 MAX_BODY_BYTES = 1_000_000  # a correction can be long, but not unbounded
@@ -68,12 +68,6 @@ class IdempotencyKeyReused(AgentloopError):
     status = 409
     type = "invalid_request_error"
     code = "idempotency_key_reused"
-
-
-class RequestTooLarge(AgentloopError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
 
 
 # ---------------------------------------------------------------- validation (pure)

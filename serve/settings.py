@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     engine_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM CLI arguments.")
     engine_startup_timeout: float = Field(600.0, description="Seconds to wait for a vLLM server to be healthy.")
     kvcache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for a supervised CPU engine.")
-    max_model_len: int = Field(2048, description="Context length for a supervised engine.")
+    max_model_len: int = Field(2048, description=(
+        "Context length for a supervised engine. With attached engines set it to theirs: a max_tokens ceiling "
+        "below it caps requests that set no max_tokens (serve/access.py)."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(
@@ -46,6 +48,25 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, description="Seconds before an engine request is abandoned.")
     health_interval: float = Field(2.0, description="Seconds between engine health checks.")
     admin_key: str | None = Field(None, description="Bearer key for /admin endpoints (AGENTLOOP_ADMIN_KEY).")
+    # Access (serve/access.py). With at least one API key in the store every /v1
+    # request needs one; with none, /v1 is open only on a loopback address or
+    # when `open` is set, and the gateway refuses to start otherwise.
+    open: bool = Field(False, description=(
+        "Open mode on any address (AGENTLOOP_OPEN, `serve --open`): while no API key exists, /v1 takes any "
+        "bearer or none. Meant for local use; on a loopback address it is the default anyway."))
+    keys_refresh_seconds: float = Field(1.0, gt=0, le=60, description=(
+        "How often the gateway re-reads the API keys: created and revoked keys take effect within this."))
+    limit_rpm: int = Field(6000, ge=1, description=(
+        "Default requests per minute per key (per caller in open mode) on /v1: a token bucket whose burst is "
+        "the same number. `agentloop keys create --rpm` overrides it per key."))
+    limit_streams: int = Field(64, ge=1, description=(
+        "Default chat completions in flight at once per key (streamed or not; a stream counts until its end)."))
+    limit_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description=(
+        "Default largest /v1 request body per key, in bytes; larger gets 413 (checked from Content-Length "
+        "and while reading)."))
+    limit_max_tokens: int = Field(4096, ge=1, description=(
+        "Default ceiling on max_tokens / max_completion_tokens per key: a larger value is a 400; a request "
+        "with neither is capped at the ceiling when it is below max_model_len (else the context bounds it)."))
     loop_enabled: bool = Field(False, description="Run the learning loop's scheduler inside the gateway.")
     loop_check_seconds: float = Field(60.0, description="How often the scheduler looks for new feedback.")
     loop_min_new_feedback: int = Field(32, description="New feedback items that trigger a training run.")

@@ -52,6 +52,7 @@ from sqlalchemy.pool import StaticPool
 
 from .store_feedback import FeedbackStore, m002_feedback
 from .store_runs import RunStore, m003_runs
+from .store_keys import KeyStore, m004_api_keys
 from .store_stats import StatsStore
 
 logger = logging.getLogger("agentloop.store")
@@ -118,6 +119,7 @@ def m001_completions(conn: Connection) -> None:
 
 migration(m002_feedback)  # defined with the rest of the feedback SQL
 migration(m003_runs)  # training runs and their metrics (serve/store_runs.py)
+migration(m004_api_keys)  # user API keys, hashed (serve/store_keys.py)
 
 
 # ---------------------------------------------------------------- store
@@ -171,7 +173,7 @@ def _decode(mapping: Any) -> dict[str, Any]:
     return row
 
 
-class Store(FeedbackStore, RunStore, StatsStore):
+class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
     def __init__(self, url: str):

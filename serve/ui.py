@@ -126,9 +126,13 @@ async def stats(request: Request, window: float = 3600.0):
 
 def _file(base: Path, path: str, missing: str) -> FileResponse:
     root = base.resolve()
-    target = (root / path).resolve()
-    # resolve() folds "..", so anything outside the folder is refused here.
-    if not target.is_relative_to(root) or not target.is_file():
+    try:
+        target = (root / path).resolve()
+        # resolve() folds "..", so anything outside the folder is refused here.
+        found = target.is_relative_to(root) and target.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file
+        found = False
+    if not found:
         raise NotFound(missing, code="not_found")
     # Revalidate every time: a redeploy or `.ci/ui-assets` run must show at once.
     return FileResponse(target, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})

@@ -95,8 +95,11 @@ class Server:
 
 
 def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None = None,
-                  timeout: float = 600.0) -> tuple[subprocess.Popen, str, str]:
-    port, engine_port = free_port(), free_port()
+                  timeout: float = 600.0, port: int | None = None) -> tuple[subprocess.Popen, str, str]:
+    """Start `agentloop serve` on `home` and wait until it is ready. With `extra=["--engine-url", URL]`
+    and no model it attaches to a running engine instead of starting one; `port` reuses a port
+    (a restart on the same address)."""
+    port, engine_port = port or free_port(), free_port()
     env = {**os.environ, "AGENTLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "AGENTLOOP_HEALTH_INTERVAL": "0.5", "AGENTLOOP_ADMIN_KEY": ADMIN_KEY}
     log = open(home / "gateway.log", "ab")

@@ -148,7 +148,10 @@ function loadSettings() {
   ui.temperature.value = localStorage.getItem(STORE.temperature) || "";
   ui.thinking.checked = localStorage.getItem(STORE.thinking) === "1";
   ui.tools.checked = localStorage.getItem(STORE.tools) === "1";
-  ui.apiKey.addEventListener("change", () => localStorage.setItem(STORE.apiKey, ui.apiKey.value.trim()));
+  ui.apiKey.addEventListener("change", () => {
+    localStorage.setItem(STORE.apiKey, ui.apiKey.value.trim());
+    loadModels();
+  });
   ui.temperature.addEventListener("change", () => localStorage.setItem(STORE.temperature, ui.temperature.value));
   ui.thinking.addEventListener("change", () => localStorage.setItem(STORE.thinking, ui.thinking.checked ? "1" : "0"));
   ui.tools.addEventListener("change", () => localStorage.setItem(STORE.tools, ui.tools.checked ? "1" : "0"));
@@ -174,7 +177,8 @@ async function errorOf(resp) {
 }
 
 async function loadModels() {
-  const resp = await fetch("/v1/models");
+  // With API keys in use, listing models needs the key too.
+  const resp = await fetch("/v1/models", {headers: headers()});
   if (!resp.ok) { notify(`Could not list models: ${await errorOf(resp)}`, "error"); return; }
   const {data} = await resp.json();
   const wanted = localStorage.getItem(STORE.model) || ui.model.dataset.alias;

@@ -4,7 +4,7 @@
 // feedback volume and thumbs rate per version and the canary split; the
 // train / promote / roll back / canary buttons, each confirmed first.
 // Invariants: data comes only from the public admin API (/admin/adapters,
-// /admin/runs, /admin/runs/{id}, /admin/stats) and /v1/models, authenticated
+// /admin/runs, /admin/runs/{id}, /admin/stats, /admin/models), authenticated
 // by the HttpOnly session cookie the browser sends; text from the server is
 // inserted with textContent, never as markup; without Chart.js the tables
 // still work and the page says why the charts are missing.
@@ -211,7 +211,7 @@ let timer = null;
 async function refresh() {
   clearTimeout(timer);
   const [models, adapters, runs, stats] = await Promise.all([
-    settle(api("GET", "/v1/models")), settle(api("GET", "/admin/adapters")),
+    settle(api("GET", "/admin/models")), settle(api("GET", "/admin/adapters")),
     settle(api("GET", "/admin/runs?limit=50")), settle(api("GET", "/admin/stats"))]);
   const errors = [models, adapters, runs, stats].filter((r) => r.error).map((r) => r.error);
   const runList = runs.value?.data || [];

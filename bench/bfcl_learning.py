@@ -1,0 +1,150 @@
+"""The learning benchmark: corrections on BFCL `simple` tool calls, one loop iteration, AST accuracy before/after.
+
+Owns: one end-to-end run of the product's promise on public data. It starts an agentloop
+gateway on the default model, measures BFCL AST accuracy on a held-out split of the `simple`
+category (`tool_choice=required`), then plays a user on a disjoint training split: asks each
+question through the gateway and answers the model's call with a correction (the ground-truth
+call: for each parameter its first allowed value) or, when the call is already right, a thumbs
+up. Then one loop iteration (`POST /admin/train`: dataset, DPO job, gate, promotion) and the
+held-out accuracy again on the new live version. Prints both accuracies, the gain in points,
+the gate's numbers and the wall time of the iteration (train call to promoted/rejected).
+
+Invariant: the training and held-out cases never overlap (one seeded shuffle, then two
+disjoint slices); every server this starts is stopped, also on error or Ctrl-C.
+
+    .venv/bin/python -m bench.bfcl_learning --train 64 --held-out 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bfcl import DATA, _run, case_request, run_side, start_agentloop  # noqa: E402
+from bench.bfcl_ast import check_calls, load_category, openai_name  # noqa: E402
+
+USER = {"Authorization": "Bearer bfcl-user"}
+
+
+def ground_truth_call(case: dict) -> dict:
+    """The first ground-truth call as an OpenAI tool call with, for each parameter, its first
+    allowed value (a parameter whose only allowed value is "" is left out)."""
+    (name, params), = case["ground_truth"][0].items()
+    args = {}
+    for key, allowed in params.items():
+        values = [v for v in allowed if v != ""]
+        if values:
+            args[key] = values[0]
+    return {"id": "call_0", "type": "function", "function": {"name": openai_name(name), "arguments": json.dumps(args)}}
+
+
+def accuracy(results: list[dict]) -> tuple[int, int]:
+    return sum(r["ast"] for r in results), len(results)
+
+
+async def teach(url: str, cases: list[dict], max_tokens: int) -> dict[str, int]:
+    """Ask every training question once; correct the wrong calls, thumbs-up the right ones."""
+    counts = {"corrections": 0, "thumbs_up": 0, "errors": 0}
+    async with httpx.AsyncClient(timeout=900, headers=USER) as client:
+        for case in cases:
+            body = {"model": "agentloop", **case_request(case, "required", max_tokens)}
+            r = await client.post(f"{url}/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                counts["errors"] += 1
+                continue
+            resp = r.json()
+            msg = resp["choices"][0]["message"]
+            calls = []
+            for c in msg.get("tool_calls") or []:
+                try:
+                    calls.append((c["function"]["name"], json.loads(c["function"]["arguments"])))
+                except ValueError:
+                    calls.append((c["function"]["name"], None))
+            ok, _ = check_calls(case, calls)
+            if ok:
+                fb = {"completion_id": resp["id"], "type": "thumbs", "value": 1}
+            else:
+                fb = {"completion_id": resp["id"], "type": "correction",
+                      "correction": {"role": "assistant", "content": None, "tool_calls": [ground_truth_call(case)]}}
+            f = await client.post(f"{url}/v1/feedback", json=fb)
+            f.raise_for_status()
+            counts["thumbs_up" if ok else "corrections"] += 1
+    return counts
+
+
+def train_once(url: str, admin_key: str, params: dict[str, Any], timeout: float) -> tuple[dict, float]:
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/admin/train", json={"params": params}, headers=headers, timeout=60)
+    r.raise_for_status()
+    run_id = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{url}/admin/runs/{run_id}", headers=headers, timeout=60).json()
+        if run["status"] not in ("queued", "running"):
+            return run, time.perf_counter() - t0
+        time.sleep(1)
+    raise SystemExit(f"run {run_id} did not finish in {timeout}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", type=int, default=64, help="training questions (one feedback each)")
+    p.add_argument("--held-out", type=int, default=50, help="held-out questions for the accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=640, help="tokens per training example (prompt + answer)")
+    p.add_argument("--data", type=Path, default=DATA)
+    args = p.parse_args()
+
+    from serve.default_model import ensure_default_model
+    from tests.conftest import ADMIN_KEY, stop_gateway
+
+    cases = load_category(args.data, "simple")
+    random.Random(args.seed).shuffle(cases)
+    train, held = cases[: args.train], cases[args.train: args.train + args.held_out]
+    params = {"method": "dpo", "eval_percent": 20, "min_train_examples": 4,
+              "train": {"learning_rate": args.learning_rate, "num_train_epochs": args.epochs,
+                        "per_device_train_batch_size": 2, "max_length": args.max_length},
+              "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
+    home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
+    proc, url = start_agentloop(home, ensure_default_model())
+    try:
+        before = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
+        print(f"before: AST accuracy {before[0]}/{before[1]}", flush=True)
+        t0 = time.perf_counter()
+        counts = _run(teach(url, train, args.max_tokens))
+        teach_s = time.perf_counter() - t0
+        print(f"feedback: {counts} in {teach_s:.0f} s", flush=True)
+        run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
+        print(f"iteration: {run['status']} in {wall:.0f} s ({run.get('reason')})", flush=True)
+        print(f"  dataset {run.get('dataset')}", flush=True)
+        print(f"  gate {json.dumps(run.get('gate'))}", flush=True)
+        after = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
+    finally:
+        stop_gateway(proc)
+    gain = 100 * (after[0] / after[1] - before[0] / before[1])
+    print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
+          f"held out {len(held)}; lr {args.learning_rate}, {args.epochs} epoch(s), max_length {args.max_length}")
+    print(f"AST accuracy (tool_choice=required), held out: before {before[0]}/{before[1]} "
+          f"({100*before[0]/before[1]:.1f}%), after {after[0]}/{after[1]} ({100*after[0]/after[1]:.1f}%), "
+          f"gain {gain:+.1f} points")
+    print(f"loop iteration ({run['status']}): {wall:.0f} s wall (dataset, DPO job, gate, promotion)")
+
+
+if __name__ == "__main__":
+    main()
