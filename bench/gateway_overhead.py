@@ -84,15 +84,28 @@ async def paired(gateway: str, engine: str, pairs: int, max_tokens: int) -> dict
             "ttft_p90": pct(d_ttft, 90), "lat_p90": pct(d_lat, 90)}
 
 
-async def bench(gateway: str, engine: str, args) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User+system CPU of the gateway process (not its engine child)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def bench(gateway: str, engine: str, args, pid: int | None = None) -> dict:
     # Warm both paths (first requests compile/allocate).
     await round_(engine, "agentloop@v0000", 4, 8)
     await round_(gateway, "agentloop", 4, 8)
     sides = {"direct": [], "gateway": []}
+    cpu = 0.0  # the gateway's own CPU during the gateway rounds
     for _ in range(args.rounds):
         sides["direct"].append(await round_(engine, "agentloop@v0000", args.concurrency, args.max_tokens))
+        c0 = cpu_seconds(pid)
         sides["gateway"].append(await round_(gateway, "agentloop", args.concurrency, args.max_tokens))
-    out = {}
+        cpu += cpu_seconds(pid) - c0
+    out = {"gateway_cpu": cpu, "gateway_tokens": sum(r["tokens"] for r in sides["gateway"])}
     for side, rounds in sides.items():
         tokens = sum(r["tokens"] for r in rounds)
         wall = sum(r["wall"] for r in rounds)
@@ -114,8 +127,12 @@ def main() -> None:
     p.add_argument("--pair-tokens", type=int, default=8, help="max_tokens of each single stream")
     p.add_argument("--gateway", help="URL of a running gateway (with --engine); default: start one")
     p.add_argument("--engine", help="URL of the vLLM server behind --gateway")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the test model: nearly free per token, so the gateway's share is largest), "
+                        "'default' (the embedded SmolLM2-135M-Instruct) or a model directory")
+    p.add_argument("--gateway-pid", type=int, help="pid of --gateway, to report its CPU per token")
     args = p.parse_args()
-    proc = None
+    proc, pid = None, args.gateway_pid
     if args.gateway:
         gateway, engine = args.gateway, args.engine
     else:
@@ -123,14 +140,23 @@ def main() -> None:
         from tests.tiny_model import ensure_tiny_model
 
         home = Path(tempfile.mkdtemp(prefix="agentloop-bench-"))
-        proc, gateway, engine = start_gateway(home, ensure_tiny_model())
+        if args.model == "tiny":
+            model = ensure_tiny_model()
+        elif args.model == "default":
+            from serve.default_model import ensure_default_model
+
+            model = ensure_default_model()
+        else:
+            model = Path(args.model)
+        proc, gateway, engine = start_gateway(home, model)
+        pid = proc.pid
     try:
-        res = asyncio.run(bench(gateway, engine, args))
+        res = asyncio.run(bench(gateway, engine, args, pid))
     finally:
         if proc is not None:
             stop_gateway(proc)
     d, g = res["direct"], res["gateway"]
-    print(f"load: {args.rounds} rounds x {args.concurrency} concurrent streams x {args.max_tokens} tokens, "
+    print(f"model: {args.model}; load: {args.rounds} rounds x {args.concurrency} concurrent streams x {args.max_tokens} tokens, "
           f"direct and gateway alternating")
     for side in ("direct", "gateway"):
         r = res[side]
@@ -139,6 +165,10 @@ def main() -> None:
     print(f"throughput ratio gateway/direct: {g['tok_s'] / d['tok_s']:.3f}")
     print(f"added ttft    p50 {1000*(g['ttft_p50']-d['ttft_p50']):+.2f} ms  p99 {1000*(g['ttft_p99']-d['ttft_p99']):+.2f} ms")
     print(f"added latency p50 {1000*(g['lat_p50']-d['lat_p50']):+.2f} ms  p99 {1000*(g['lat_p99']-d['lat_p99']):+.2f} ms")
+    if pid is not None:
+        print(f"gateway process CPU: {res['gateway_cpu']:.2f} s for {res['gateway_tokens']} streamed tokens "
+              f"({1e6 * res['gateway_cpu'] / max(1, res['gateway_tokens']):.0f} us per token, "
+              f"{1e3 * res['gateway_cpu'] / max(1, g['requests']):.2f} ms per request)")
     if "paired" in res:
         q = res["paired"]
         print(f"single streams, {q['pairs']} pairs, {args.pair_tokens} tokens each: added ttft median "

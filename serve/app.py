@@ -260,30 +260,35 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
             asm = chat.StreamAssembler()
             fixer = chat.FinishFixer(req)
             status, error, ttft = 200, None, time.perf_counter() - t0
-            chunk = first
+            item = first
             try:
                 while True:
-                    if "error" in chunk and not chunk.get("choices"):
-                        err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                        code = err.get("code")
-                        # vLLM puts the HTTP status it would have used in `code`.
-                        status = code if isinstance(code, int) and 400 <= code < 600 else 500
-                        error = err.get("message")
-                        yield f"data: {_dumps(chunk)}\n\n"
-                    else:
+                    # An engine yields a chunk or a list of chunks that arrived
+                    # together; a list goes out in one write.
+                    out = []
+                    for chunk in item if isinstance(item, list) else (item,):
+                        if "error" in chunk and not chunk.get("choices"):
+                            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                            code = err.get("code")
+                            # vLLM puts the HTTP status it would have used in `code`.
+                            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+                            error = err.get("message")
+                            out.append(f"data: {_dumps(chunk)}\n\n")
+                            continue
                         for c in fixer.feed(chunk):
                             asm.add(c)
-                            out = chat.fix_chunk(c, cid, wants_usage)
-                            if out is not None:
-                                yield f"data: {_dumps(out)}\n\n"
+                            if (fixed := chat.fix_chunk(c, cid, wants_usage)) is not None:
+                                out.append(f"data: {_dumps(fixed)}\n\n")
+                    if out:
+                        yield "".join(out)
                     try:
-                        chunk = await agen.__anext__()
+                        item = await agen.__anext__()
                     except StopAsyncIteration:
                         break
                 for c in fixer.flush():
                     asm.add(c)
-                    if (out := chat.fix_chunk(c, cid, wants_usage)) is not None:
-                        yield f"data: {_dumps(out)}\n\n"
+                    if (fixed := chat.fix_chunk(c, cid, wants_usage)) is not None:
+                        yield f"data: {_dumps(fixed)}\n\n"
                 yield "data: [DONE]\n\n"
             except AgentloopError as e:
                 # Headers are gone: the error travels in the stream, as OpenAI does.

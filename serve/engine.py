@@ -45,7 +45,9 @@ class Engine(ABC):
 
     @abstractmethod
     def chat(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield the response: one dict if not streaming, else each chunk.
+        """Yield the response: one dict if not streaming, else each chunk -- or a
+        list of the chunks that arrived together, which the gateway then relays
+        in one write (under load this is what keeps its per-token cost down).
 
         Raises EngineError (the engine refused the request) or
         EngineUnavailable (it could not be reached) before the first yield.
@@ -202,20 +204,28 @@ class HttpEngine(Engine):
                 yield orjson.loads(await resp.read())
                 return
             # SSE lines split on raw bytes and parsed with orjson (once per token).
+            # Everything one read brought is yielded as one list: when the gateway
+            # falls behind a busy engine, chunks pile up in the socket and are then
+            # relayed in one write instead of one trip through the stack each.
             buf = b""
             async for raw in resp.content.iter_any():
                 buf += raw
                 *lines, buf = buf.split(b"\n")
+                batch = []
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
+                        if batch:
+                            yield batch
                         # Read the rest (the chunked-encoding terminator) so the
                         # connection goes back to the pool instead of being dropped.
                         await resp.read()
                         return
-                    yield orjson.loads(data)
+                    batch.append(orjson.loads(data))
+                if batch:
+                    yield batch
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             # The engine died mid-response: the client sees a broken stream,
             # which is the truth; the health loop notices the engine is gone.
