@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--sft-weight", type=float, default=0.0, help="NLL on the chosen answer (DPOJobConfig.sft_weight)")
     p.add_argument("--max-length", type=int, default=640, help="tokens per training example (prompt + answer)")
     p.add_argument("--data", type=Path, default=DATA)
     args = p.parse_args()
@@ -119,7 +120,8 @@ def main() -> None:
     train, held = cases[: args.train], cases[args.train: args.train + args.held_out]
     params = {"method": "dpo", "eval_percent": 20, "min_train_examples": 4,
               "train": {"learning_rate": args.learning_rate, "num_train_epochs": args.epochs,
-                        "per_device_train_batch_size": 2, "max_length": args.max_length},
+                        "per_device_train_batch_size": 2, "max_length": args.max_length,
+                        "sft_weight": args.sft_weight},
               "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
     proc, url = start_agentloop(home, ensure_default_model())
@@ -139,7 +141,8 @@ def main() -> None:
         stop_gateway(proc)
     gain = 100 * (after[0] / after[1] - before[0] / before[1])
     print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
-          f"held out {len(held)}; lr {args.learning_rate}, {args.epochs} epoch(s), max_length {args.max_length}")
+          f"held out {len(held)}; lr {args.learning_rate}, {args.epochs} epoch(s), max_length {args.max_length}, "
+          f"sft_weight {args.sft_weight}")
     print(f"AST accuracy (tool_choice=required), held out: before {before[0]}/{before[1]} "
           f"({100*before[0]/before[1]:.1f}%), after {after[0]}/{after[1]} ({100*after[0]/after[1]:.1f}%), "
           f"gain {gain:+.1f} points")

@@ -43,6 +43,10 @@ class DPOJobConfig(LoraJobConfig):
                            "sigmoid", choices=list(DPO_LOSSES))
     label_smoothing: float = _help("Assumed probability that a preference label is flipped (cDPO/robust), "
                                    "in [0, 0.5).", 0.0)
+    sft_weight: float = _help("Weight of an NLL term on the chosen answer added to the DPO loss (RPO; TRL's "
+                              "'sft' loss). Plain DPO lowers the chosen answer's likelihood along with the "
+                              "rejected one's; with corrections (a known-good answer) the NLL keeps it rising. "
+                              "0 disables.", 0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +54,8 @@ class DPOJobConfig(LoraJobConfig):
             raise ValueError(f"DPOJobConfig: loss_type {self.loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOJobConfig: label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.sft_weight <= 100.0:
+            raise ValueError(f"DPOJobConfig: sft_weight must be in [0, 100], got {self.sft_weight}")
 
 
 def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] | None = None, *,
@@ -57,6 +63,7 @@ def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] |
     """Train a DPO LoRA on `train_rows`; `on_log(step, metrics)` is called once per optimizer step."""
     from trl import DPOConfig, DPOTrainer
 
-    return run_training("dpo", cfg, DPOTrainer, DPOConfig,
-                        {"loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing},
-                        train_rows, eval_rows, on_log)
+    extra = {"loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing}
+    if cfg.sft_weight > 0:
+        extra.update(loss_type=[cfg.loss_type, "sft"], loss_weights=[1.0, cfg.sft_weight])
+    return run_training("dpo", cfg, DPOTrainer, DPOConfig, extra, train_rows, eval_rows, on_log)

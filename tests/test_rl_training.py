@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-from rl.common import TrainingError, preference_margins  # noqa: E402
+from rl.common import TrainingError, completion_logprob, preference_margins  # noqa: E402
 from rl.dpo import DPOJobConfig, train_dpo  # noqa: E402
 from rl.job import read_events, start_job  # noqa: E402
 from rl.kto import KTOJobConfig, train_kto  # noqa: E402
@@ -139,6 +139,28 @@ def test_dpo_widens_the_preference_margin(fresh_dpo, tiny_model, tok):
     print(f"\n[margin] log p(chosen) - log p(rejected): before {[round(x, 2) for x in before]}, "
           f"after {[round(x, 2) for x in after]}")
     assert all(a > b + 0.5 for a, b in zip(after, before)), (before, after)
+
+
+def test_sft_weight_keeps_the_chosen_answer_rising(fresh_dpo, tiny_model, tok, tmp_path):
+    """Plain DPO may push log p(chosen) down with log p(rejected); the added NLL term
+    (`sft_weight`, TRL's 'sft' loss) must leave the chosen answers likelier than the
+    same run without it, and the preference must still be learned."""
+    plain, _ = fresh_dpo
+    cfg = DPOJobConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "adapter"), max_steps=6,
+                       learning_rate=2e-3, sft_weight=1.0, **SHORT)
+    rpo = train_dpo(cfg, STYLE_ROWS + TOOL_ROWS)
+
+    def chosen_logp(adapter: Path) -> float:
+        model = load_policy(tiny_model, adapter)
+        return sum(completion_logprob(model, tok, TEMPLATE, r["prompt"], r["chosen"], r.get("tools"),
+                                      r.get("chat_template_kwargs")) for r in STYLE_ROWS)
+
+    with_sft, without = chosen_logp(Path(rpo.output_dir)), chosen_logp(Path(plain.output_dir))
+    print(f"\n[sft_weight] sum log p(chosen): DPO {without:.2f}, DPO + NLL {with_sft:.2f}")
+    assert with_sft > without + 0.5, (with_sft, without)
+    margins = preference_margins(load_policy(tiny_model, Path(rpo.output_dir)), tok, TEMPLATE, STYLE_ROWS)
+    before = preference_margins(load_policy(tiny_model), tok, TEMPLATE, STYLE_ROWS)
+    assert all(a > b for a, b in zip(margins, before)), (before, margins)
 
 
 def test_dpo_continues_from_the_zero_adapter(tiny_model, registry, tmp_path):
@@ -268,6 +290,7 @@ def test_bad_rows_are_refused(row, kind, message):
     (DPOJobConfig, {"lora_r": 32}, r"lora_r must be in \[1, 16\]"),
     (DPOJobConfig, {"template": "nope"}, "unknown chat template"),
     (DPOJobConfig, {"loss_type": "sft"}, "loss_type"),
+    (DPOJobConfig, {"sft_weight": -1}, "sft_weight"),
     (KTOJobConfig, {"desirable_weight": 0}, "must be > 0"),
     (DPOJobConfig, {"device": "cpu", "load_in_4bit": True}, "load_in_4bit needs CUDA"),
 ])
