@@ -319,8 +319,16 @@ class ToolCallStreamParser:
 
     name = ""
 
-    def __init__(self) -> None:
+    def __init__(self, dedupe: bool = False) -> None:
         self._index = 0
+        # `dedupe`: a call identical to one already emitted in this output (same
+        # name, same arguments up to key order) is dropped. Small models, once
+        # a grammar lets them follow a call with another, tend to repeat the
+        # first verbatim; a client would run it twice. Off for plain parsing
+        # (round trips of rendered turns must stay exact); the serving plugin
+        # turns it on (AGENTLOOP_DEDUPE_TOOL_CALLS).
+        self.dedupe = dedupe
+        self._seen: set[tuple[str, str]] = set()
 
     def feed(self, delta: str) -> list[Event]:
         raise NotImplementedError
@@ -335,6 +343,11 @@ class ToolCallStreamParser:
         return assemble(parser.feed(text) + parser.finish())
 
     def _emit_call(self, call: ToolCall, out: list[Event]) -> None:
+        if self.dedupe:
+            key = (call.name, json.dumps(json.loads(call.arguments), sort_keys=True))
+            if key in self._seen:
+                return
+            self._seen.add(key)
         out.append(ToolCallStart(self._index, call.name))
         out.append(ToolCallArgs(self._index, call.arguments))
         self._index += 1
@@ -362,8 +375,8 @@ class HermesToolParser(ToolCallStreamParser):
     OPEN = "<tool_call>"
     CLOSE = "</tool_call>"
 
-    def __init__(self, drop_unclosed: bool = False) -> None:
-        super().__init__()
+    def __init__(self, drop_unclosed: bool = False, dedupe: bool = False) -> None:
+        super().__init__(dedupe)
         self.drop_unclosed = drop_unclosed
         self._text = ""  # unemitted text outside calls
         self._after_call = False  # a valid call closed and only whitespace followed
@@ -490,8 +503,8 @@ class Llama3JsonToolParser(ToolCallStreamParser):
     TAG = "<|python_tag|>"
     _START, _OBJECT, _BETWEEN, _TEXT = range(4)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, dedupe: bool = False) -> None:
+        super().__init__(dedupe)
         self._state = self._START
         self._lead = ""  # undecided start of the output
         self._prefix = ""  # text given back as content if the current object fails

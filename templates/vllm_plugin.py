@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -283,6 +284,12 @@ def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str, separ
     return json.dumps(tag)
 
 
+def dedupe_tool_calls() -> bool:
+    """AGENTLOOP_DEDUPE_TOOL_CALLS (default on): drop a call that repeats one
+    already made in the same answer (see `parsing.ToolCallStreamParser`)."""
+    return os.environ.get("AGENTLOOP_DEDUPE_TOOL_CALLS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class _AgentloopToolParser(ToolParser):
     """Shared adapter: one pure `parsing.ToolCallStreamParser` per request."""
 
@@ -292,6 +299,9 @@ class _AgentloopToolParser(ToolParser):
     # Set True by vLLM's Parser when no reasoning parser is configured: then
     # reasoning markup is plain content and nothing here splits it off.
     skip_reasoning_parsing: bool = False
+
+    def _options(self) -> dict[str, Any]:
+        return {**self.parser_options, "dedupe": dedupe_tool_calls()}
 
     def __init__(self, tokenizer: Any, tools: list | None = None):
         super().__init__(tokenizer, tools)
@@ -317,7 +327,7 @@ class _AgentloopToolParser(ToolParser):
         return not self.supports_required_and_named and _forced(request)
 
     def extract_tool_calls(self, model_output: str, request: Any) -> ExtractedToolCallInformation:
-        content, calls = self.parser_cls.extract(model_output, **self.parser_options)
+        content, calls = self.parser_cls.extract(model_output, **self._options())
         if self._constrained_forced(request):
             content = ""
         if not calls:
@@ -350,7 +360,7 @@ class _AgentloopToolParser(ToolParser):
     ) -> DeltaMessage | None:
         try:
             if self._stream is None:
-                self._stream = self.parser_cls(**self.parser_options)
+                self._stream = self.parser_cls(**self._options())
                 self._no_content = self._constrained_forced(request)
                 if not self.skip_reasoning_parsing and not _request_thinking(request) and _auto_tools(request):
                     self._think = parsing.ThinkStreamSplitter(thinking=False)

@@ -312,3 +312,27 @@ def test_parse_call_object(text, expected):
 ])
 def test_thinking_enabled(kwargs, expected):
     assert thinking_enabled(kwargs) is expected
+
+
+REPEATED = ('<tool_call>\n{"name": "area", "arguments": {"base": 10, "height": 5}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "area", "arguments": {"height": 5, "base": 10}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "area", "arguments": {"base": 3, "height": 5}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "area", "arguments": {"base": 10, "height": 5}}\n</tool_call>')
+
+
+def test_dedupe_drops_repeated_calls_streamed_and_one_shot():
+    """A call identical to an earlier one of the same answer (key order aside) is dropped;
+    the kept calls are numbered 0, 1, ... without gaps, whichever way the text was cut."""
+    content, calls = HermesToolParser.extract(REPEATED)
+    assert content == "" and len(calls) == 4  # plain parsing stays faithful
+    content, calls = HermesToolParser.extract(REPEATED, dedupe=True)
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("area", {"base": 10, "height": 5}), ("area", {"base": 3, "height": 5})]
+    for chunks in splits(REPEATED):
+        parser = HermesToolParser(drop_unclosed=True, dedupe=True)
+        events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.finish()
+        assert assemble(events) == (content, calls), chunks
+        check_events(events, calls)
+    llama = '{"name": "t", "parameters": {"a": 1}}; {"name": "t", "parameters": {"a": 1}}; {"name": "t", "parameters": {}}'
+    assert len(Llama3JsonToolParser.extract(llama)[1]) == 3
+    assert [json.loads(c.arguments) for c in Llama3JsonToolParser.extract(llama, dedupe=True)[1]] == [{"a": 1}, {}]

@@ -437,3 +437,24 @@ def test_schema_check_is_cached():
         plugin.check_tool_schemas(tools)
     info = plugin._schema_problem.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 1), ("0", 2)], ids=["default-dedupe", "dedupe-off"])
+def test_repeated_call_is_dropped_unless_turned_off(tok, monkeypatch, setting, expected):
+    """The serving parser drops a verbatim repeat of a call (AGENTLOOP_DEDUPE_TOOL_CALLS, on by
+    default), streamed and not; =0 keeps every call the model wrote."""
+    if setting is None:
+        monkeypatch.delenv("AGENTLOOP_DEDUPE_TOOL_CALLS", raising=False)
+    else:
+        monkeypatch.setenv("AGENTLOOP_DEDUPE_TOOL_CALLS", setting)
+    req = request(False)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    text = call + "\n" + call
+    info = plugin.AgentloopHermesToolParser(tok, req.tools).extract_tool_calls(text, req)
+    assert [c.function.name for c in info.tool_calls] == ["get_weather"] * expected
+    parser, deltas, prev = plugin.AgentloopHermesToolParser(tok, req.tools), [], ""
+    for delta_text, delta_ids in token_deltas(tok, output_ids(tok, text)):
+        dm = parser.extract_tool_calls_streaming(prev, prev + delta_text, delta_text, [], [], delta_ids, req)
+        prev += delta_text
+        deltas += [dm] if dm else []
+    assert fold(deltas)[2] == [(c.function.name, c.function.arguments) for c in info.tool_calls]
