@@ -135,7 +135,8 @@ def run_spec(spec: dict, emit: Emit) -> dict:
         result = train(cfg, rows, eval_rows,
                        on_log=lambda step, m: emit({"event": "step", "step": step, "metrics": m,
                                                     "elapsed": round(time.monotonic() - t0, 3)}))
-        summary = {"steps": result.steps, "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+        summary = {"steps": result.steps, "seconds": result.seconds, "train_seconds": result.train_seconds,
+                   "seconds_per_step": result.seconds_per_step,
                    "examples": result.examples, "precision": result.precision, "device": result.device}
         metrics = {**result.final_metrics, **summary}
         # No SIGTERM/SIGINT between the rename into place and the "done" event: a version
