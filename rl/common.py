@@ -37,7 +37,8 @@ from rl.registry import DEFAULT_MAX_RANK, validate_adapter
 
 __all__ = [
     "LoraJobConfig", "TrainResult", "TrainingError", "OnLog",
-    "normalize_message", "build_dataset", "load_tokenizer", "completion_logprob", "preference_margins",
+    "normalize_message", "build_dataset", "load_tokenizer", "pair_logps", "answer_logprobs", "completion_logprob",
+    "preference_margins",
     "run_training",
 ]
 
@@ -152,6 +153,7 @@ class TrainResult:
     changed_tensors: int            # adapter tensors that differ from the start
     precision: str
     device: str
+    shared_prompt_batches: int = 0  # batches whose prompt ran once for both answers (rl/shared_prefix.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,37 +375,84 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def completion_logprob(model, tokenizer, template: str, prompt: list, completion: list, tools: list | None = None,
-                       chat_template_kwargs: dict | None = None) -> float:
-    """Sum of log-probs of the completion's tokens after the prompt, tokenized as TRL does
-    (prompt with generation prompt; completion = where prompt+completion diverges from it)."""
+def pair_logps(model, prompt, answers: list) -> tuple[list, list]:
+    """Per-token log-probs (and top-1 hits) of each answer after `prompt`, the prompt run once.
+
+    The prompt's forward returns its cache (with autograd history when gradients are on) and the
+    logits of its last position only; the answers run as one right-padded batch on top of the
+    repeated cache. Right padding needs no attention mask: a causal position never sees later ones.
+    """
     import torch
 
+    out = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+    cache, first = out.past_key_values, out.logits[:, -1:]
+    k = len(answers)
+    lengths = [len(a) for a in answers]
+    width = max(lengths)
+    if width == 0:
+        zero = first.new_zeros(0)
+        return [zero for _ in answers], [zero.bool() for _ in answers]
+    batch = torch.zeros(k, width, dtype=prompt.dtype, device=prompt.device)
+    for j, a in enumerate(answers):
+        batch[j, : len(a)] = a
+    if width > 1:
+        cache.batch_repeat_interleave(k)
+        pos = torch.arange(len(prompt), len(prompt) + width - 1, device=prompt.device)[None].expand(k, -1)
+        # The last answer token predicts nothing we score: run width-1 tokens.
+        rest = model(input_ids=batch[:, :-1], past_key_values=cache, position_ids=pos, use_cache=True).logits
+        logits = torch.cat([first.expand(k, -1, -1), rest], dim=1)
+    else:
+        logits = first.expand(k, -1, -1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch[..., None]).squeeze(-1)
+    top1 = logits.argmax(-1) == batch
+    return [logprobs[j, :n] for j, n in enumerate(lengths)], [top1[j, :n] for j, n in enumerate(lengths)]
+
+
+def _answer_ids(tokenizer, template: str, prompt: list, answers: list[list], tools, kwargs) -> tuple[list, list]:
+    """Token ids as TRL cuts them: the prompt (with generation prompt) up to where it and every
+    prompt+answer rendering diverge, then each answer's remaining tokens."""
     from templates.registry import render
 
     prompt = [normalize_message(m) for m in prompt]
-    completion = [normalize_message(m) for m in ([completion] if isinstance(completion, dict) else completion)]
-    kw = chat_template_kwargs or {}
-    p = _tokens(tokenizer, render(template, prompt, tools=tools, add_generation_prompt=True, **kw))
-    full = _tokens(tokenizer, render(template, prompt + completion, tools=tools, **kw))
-    n = 0
-    while n < min(len(p), len(full)) and p[n] == full[n]:
-        n += 1
+    p = _tokens(tokenizer, render(template, prompt, tools=tools, add_generation_prompt=True, **kwargs))
+    fulls = []
+    for a in answers:
+        a = [normalize_message(m) for m in ([a] if isinstance(a, dict) else a)]
+        fulls.append(_tokens(tokenizer, render(template, prompt + a, tools=tools, **kwargs)))
+    n = len(p)
+    for f in fulls:
+        k = 0
+        while k < min(n, len(f)) and p[k] == f[k]:
+            k += 1
+        n = k
+    return p[:n], [f[n:] for f in fulls]
+
+
+def answer_logprobs(model, tokenizer, template: str, prompt: list, answers: list[list], tools: list | None = None,
+                    chat_template_kwargs: dict | None = None) -> list[float]:
+    """Sum of log-probs of each answer's tokens after the prompt, the prompt run once."""
+    import torch
+
+    p, outs = _answer_ids(tokenizer, template, prompt, answers, tools, chat_template_kwargs or {})
     device = next(model.parameters()).device
-    ids = torch.tensor([full], device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
-    return float(logps[n - 1:].sum())
+        lps, _ = pair_logps(model, torch.tensor(p, device=device), [torch.tensor(a, device=device) for a in outs])
+    return [float(lp.sum()) for lp in lps]
+
+
+def completion_logprob(model, tokenizer, template: str, prompt: list, completion: list, tools: list | None = None,
+                       chat_template_kwargs: dict | None = None) -> float:
+    """Sum of log-probs of the completion's tokens after the prompt, tokenized as TRL does."""
+    return answer_logprobs(model, tokenizer, template, prompt, [completion], tools, chat_template_kwargs)[0]
 
 
 def preference_margins(model, tokenizer, template: str, rows: list[dict]) -> list[float]:
     """log p(chosen) - log p(rejected) per DPO row under `model` (the policy's implicit preference)."""
     out = []
     for r in rows:
-        tools, kw = r.get("tools"), r.get("chat_template_kwargs")
-        out.append(completion_logprob(model, tokenizer, template, r["prompt"], r["chosen"], tools, kw)
-                   - completion_logprob(model, tokenizer, template, r["prompt"], r["rejected"], tools, kw))
+        c, rj = answer_logprobs(model, tokenizer, template, r["prompt"], [r["chosen"], r["rejected"]],
+                                r.get("tools"), r.get("chat_template_kwargs"))
+        out.append(c - rj)
     return out
 
 
@@ -515,4 +564,5 @@ def run_training(method: str, cfg: LoraJobConfig, trainer_cls, config_cls, metho
         output_dir=str(out), method=method, steps=steps, seconds=round(time.monotonic() - t0, 3),
         train_seconds=round(train_seconds, 3), seconds_per_step=round(train_seconds / max(steps, 1), 4),
         examples=examples, dropped=len(train_rows) - examples, final_metrics=final, history=callback.history,
-        changed_tensors=changed, precision=precision, device=device)
+        changed_tensors=changed, precision=precision, device=device,
+        shared_prompt_batches=getattr(trainer, "shared_batches", 0))

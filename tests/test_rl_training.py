@@ -111,6 +111,7 @@ def test_dpo_fresh_trains_reports_and_commits(fresh_dpo, tiny_model, registry):
     result, calls = fresh_dpo
     assert result.steps == 6 and result.examples == len(STYLE_ROWS + TOOL_ROWS) and result.dropped == 0
     assert [s for s, _ in calls] == list(range(1, 7))  # on_log once per optimizer step
+    assert result.shared_prompt_batches == 6  # every batch ran its prompts once (rl/shared_prefix.py)
     for _, m in calls:
         assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= m.keys()
     assert calls[0][1]["rewards/margins"] == 0.0  # step 1: policy == reference (the base)
