@@ -18,6 +18,7 @@ disjoint slices); every server this starts is stopped, also on error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sys
@@ -53,11 +54,14 @@ def accuracy(results: list[dict]) -> tuple[int, int]:
     return sum(r["ast"] for r in results), len(results)
 
 
-async def teach(url: str, cases: list[dict], max_tokens: int) -> dict[str, int]:
+async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int = 2) -> dict[str, int]:
     """Ask every training question once; correct the wrong calls, thumbs-up the right ones."""
     counts = {"corrections": 0, "thumbs_up": 0, "errors": 0}
-    async with httpx.AsyncClient(timeout=900, headers=USER) as client:
-        for case in cases:
+    queue = list(cases)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            case = queue.pop(0)
             body = {"model": "agentloop", **case_request(case, "required", max_tokens)}
             r = await client.post(f"{url}/v1/chat/completions", json=body)
             if r.status_code != 200:
@@ -80,6 +84,9 @@ async def teach(url: str, cases: list[dict], max_tokens: int) -> dict[str, int]:
             f = await client.post(f"{url}/v1/feedback", json=fb)
             f.raise_for_status()
             counts["thumbs_up" if ok else "corrections"] += 1
+
+    async with httpx.AsyncClient(timeout=900, headers=USER) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return counts
 
 
@@ -109,6 +116,9 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--sft-weight", type=float, default=0.0, help="NLL on the chosen answer (DPOJobConfig.sft_weight)")
     p.add_argument("--max-length", type=int, default=640, help="tokens per training example (prompt + answer)")
+    p.add_argument("--eval-percent", type=int, default=20, help="share of the pairs the gate holds out")
+    p.add_argument("--job", type=json.loads, default={},
+                   help='more DPO job settings as JSON, e.g. \'{"prompt_gradient": false}\' (rl/dpo.py DPOJobConfig)')
     p.add_argument("--data", type=Path, default=DATA)
     args = p.parse_args()
 
@@ -118,10 +128,10 @@ def main() -> None:
     cases = load_category(args.data, "simple")
     random.Random(args.seed).shuffle(cases)
     train, held = cases[: args.train], cases[args.train: args.train + args.held_out]
-    params = {"method": "dpo", "eval_percent": 20, "min_train_examples": 4,
+    params = {"method": "dpo", "eval_percent": args.eval_percent, "min_train_examples": 4,
               "train": {"learning_rate": args.learning_rate, "num_train_epochs": args.epochs,
                         "per_device_train_batch_size": 2, "max_length": args.max_length,
-                        "sft_weight": args.sft_weight},
+                        "sft_weight": args.sft_weight, **args.job},
               "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
     proc, url = start_agentloop(home, ensure_default_model())
@@ -129,20 +139,24 @@ def main() -> None:
         before = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
         print(f"before: AST accuracy {before[0]}/{before[1]}", flush=True)
         t0 = time.perf_counter()
-        counts = _run(teach(url, train, args.max_tokens))
+        counts = _run(teach(url, train, args.max_tokens, args.concurrency))
         teach_s = time.perf_counter() - t0
         print(f"feedback: {counts} in {teach_s:.0f} s", flush=True)
         run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
         print(f"iteration: {run['status']} in {wall:.0f} s ({run.get('reason')})", flush=True)
         print(f"  dataset {run.get('dataset')}", flush=True)
         print(f"  gate {json.dumps(run.get('gate'))}", flush=True)
+        result = run.get("result") or {}
+        print(f"  job: {result.get('steps')} steps, {result.get('train_seconds')} s training "
+              f"({result.get('seconds_per_step')} s/step), {result.get('seconds')} s in the job; "
+              f"phases {json.dumps(result.get('phase_seconds'))}", flush=True)
         after = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
     finally:
         stop_gateway(proc)
     gain = 100 * (after[0] / after[1] - before[0] / before[1])
     print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
           f"held out {len(held)}; lr {args.learning_rate}, {args.epochs} epoch(s), max_length {args.max_length}, "
-          f"sft_weight {args.sft_weight}")
+          f"sft_weight {args.sft_weight}, eval_percent {args.eval_percent}, job {json.dumps(args.job)}")
     print(f"AST accuracy (tool_choice=required), held out: before {before[0]}/{before[1]} "
           f"({100*before[0]/before[1]:.1f}%), after {after[0]}/{after[1]} ({100*after[0]/after[1]:.1f}%), "
           f"gain {gain:+.1f} points")

@@ -375,34 +375,47 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def pair_logps(model, prompt, answers: list) -> tuple[list, list]:
-    """Per-token log-probs (and top-1 hits) of each answer after `prompt`, the prompt run once.
+def pair_logps(model, prompt, answers: list, *, prompt_gradient: bool = True) -> tuple[list, list]:
+    """Per-token log-probs (and top-1 hits) of each answer after `prompt`, the shared part run once.
 
-    The prompt's forward returns its cache (with autograd history when gradients are on) and the
-    logits of its last position only; the answers run as one right-padded batch on top of the
-    repeated cache. Right padding needs no attention mask: a causal position never sees later ones.
+    Shared part = the prompt plus the answers' common leading tokens (two tool calls usually agree
+    up to the argument that differs). Its forward returns its cache (with autograd history when
+    gradients are on, unless `prompt_gradient` is False) and logits only where an answer token is
+    predicted; the answers' remaining tokens run as one right-padded batch on the repeated cache.
+    Right padding needs no attention mask: a causal position never sees later ones. The result
+    equals scoring each prompt+answer as a full sequence.
     """
     import torch
 
-    out = model(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-    cache, first = out.past_key_values, out.logits[:, -1:]
-    k = len(answers)
-    lengths = [len(a) for a in answers]
-    width = max(lengths)
+    k, lengths = len(answers), [len(a) for a in answers]
+    width = max(lengths) if answers else 0
+    if width == 0 or min(lengths) == 0:
+        common = 0
+    else:  # leading tokens all answers share, leaving each at least one token of its own
+        common = 0
+        first = answers[0]
+        while common < min(lengths) - 1 and all(int(a[common]) == int(first[common]) for a in answers[1:]):
+            common += 1
+    shared = torch.cat([prompt, answers[0][:common]]) if common else prompt
+    with contextlib.nullcontext() if prompt_gradient else torch.no_grad():
+        # Logits of the last prompt position and of each shared answer token: they predict
+        # answer tokens 0..common, identical for every answer.
+        out = model(input_ids=shared[None], use_cache=True, logits_to_keep=common + 1)
+    cache, head = out.past_key_values, out.logits
     if width == 0:
-        zero = first.new_zeros(0)
+        zero = head.new_zeros(0)
         return [zero for _ in answers], [zero.bool() for _ in answers]
     batch = torch.zeros(k, width, dtype=prompt.dtype, device=prompt.device)
     for j, a in enumerate(answers):
         batch[j, : len(a)] = a
-    if width > 1:
+    if width > common + 1:
         cache.batch_repeat_interleave(k)
-        pos = torch.arange(len(prompt), len(prompt) + width - 1, device=prompt.device)[None].expand(k, -1)
-        # The last answer token predicts nothing we score: run width-1 tokens.
-        rest = model(input_ids=batch[:, :-1], past_key_values=cache, position_ids=pos, use_cache=True).logits
-        logits = torch.cat([first.expand(k, -1, -1), rest], dim=1)
+        pos = torch.arange(len(shared), len(prompt) + width - 1, device=prompt.device)[None].expand(k, -1)
+        # Tokens common..width-2 predict common+1..width-1; the last token predicts nothing we score.
+        rest = model(input_ids=batch[:, common:-1], past_key_values=cache, position_ids=pos, use_cache=True).logits
+        logits = torch.cat([head.expand(k, -1, -1), rest], dim=1)
     else:
-        logits = first.expand(k, -1, -1)
+        logits = head.expand(k, -1, -1)[:, :width]
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch[..., None]).squeeze(-1)
     top1 = logits.argmax(-1) == batch
     return [logprobs[j, :n] for j, n in enumerate(lengths)], [top1[j, :n] for j, n in enumerate(lengths)]

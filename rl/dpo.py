@@ -26,6 +26,7 @@ Invariant: returns only after the adapter in cfg.output_dir changed and validate
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from rl.common import LoraJobConfig, OnLog, TrainResult, _help, run_training
@@ -51,6 +52,11 @@ class DPOJobConfig(LoraJobConfig):
                                "keys/values (rl/shared_prefix.py): the same loss and gradients as TRL's two "
                                "full sequences, ~2x less work when the prompt is long (tool schemas). False "
                                "uses TRL's forward as is.", True)
+    prompt_gradient: bool = _help("With share_prompt: let gradients flow into the prompt's forward (exact DPO). "
+                                  "False runs the prompt without gradients -- the LoRA then learns only through "
+                                  "the answer tokens (the prompt's keys/values still come from the current "
+                                  "weights): an approximation that skips the backward pass over the prompt.",
+                                  True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +64,8 @@ class DPOJobConfig(LoraJobConfig):
             raise ValueError(f"DPOJobConfig: loss_type {self.loss_type!r} is not one of {', '.join(DPO_LOSSES)}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOJobConfig: label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not self.prompt_gradient and not self.share_prompt:
+            raise ValueError("DPOJobConfig: prompt_gradient=False needs share_prompt=True")
         if not 0.0 <= self.sft_weight <= 100.0:
             raise ValueError(f"DPOJobConfig: sft_weight must be in [0, 100], got {self.sft_weight}")
 
@@ -72,5 +80,6 @@ def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] |
     extra = {"loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing}
     if cfg.sft_weight > 0:
         extra.update(loss_type=[cfg.loss_type, "sft"], loss_weights=[1.0, cfg.sft_weight])
-    trainer_cls = SharedPrefixDPOTrainer if cfg.share_prompt else DPOTrainer
+    trainer_cls = (functools.partial(SharedPrefixDPOTrainer, prompt_gradient=cfg.prompt_gradient)
+                   if cfg.share_prompt else DPOTrainer)
     return run_training("dpo", cfg, trainer_cls, DPOConfig, extra, train_rows, eval_rows, on_log)

@@ -21,6 +21,7 @@ Two checks, both against the version that is live now:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -119,14 +120,17 @@ def load_regression_set(path: Path | None = None) -> list[dict]:
 
 async def tool_validity(chat: Callable[[dict], Awaitable[dict]], model: str, cases: list[dict],
                         max_tokens: int = 96) -> dict:
-    """Share of forced tool calls that are valid, for one served adapter name."""
-    valid = 0
-    for case in cases:
+    """Share of forced tool calls that are valid, for one served adapter name. The cases are
+    sent together: the engine batches them (they are independent greedy requests)."""
+
+    async def one(case: dict) -> bool:
         body = {"model": model, "messages": case["messages"], "tools": case["tools"], "tool_choice": "required",
                 "temperature": 0, "max_tokens": max_tokens}
         resp = await chat(body)
         calls = ((resp.get("choices") or [{}])[0].get("message") or {}).get("tool_calls") or []
-        valid += bool(calls) and all(_valid(c, case["tools"]) for c in calls)
+        return bool(calls) and all(_valid(c, case["tools"]) for c in calls)
+
+    valid = sum(await asyncio.gather(*(one(c) for c in cases)))
     return {"validity": valid / len(cases) if cases else 1.0, "n": len(cases)}
 
 

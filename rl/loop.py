@@ -115,6 +115,8 @@ class Iteration:
         run_id, cfg = run["id"], self.cfg
         self.store.update_run(run_id, status="running")
         work = self.work_dir / run_id
+        phases: dict[str, float] = {}
+        t = time.monotonic()
         # 1. The datasets: training data for the chosen method, and preference pairs for the gate.
         untrusted = tuple(await asyncio.to_thread(self.store.untrusted_callers)) if cfg.exclude_untrusted else ()
         common = dict(eval_percent=cfg.eval_percent, max_caller_fraction=cfg.max_caller_fraction,
@@ -130,6 +132,7 @@ class Iteration:
                    "untrusted_callers": len(untrusted), "stats": build.stats,
                    "feedback_ids": len(build.dataset_ids)}
         self.store.update_run(run_id, dataset=dataset)
+        phases["dataset"] = round(time.monotonic() - t, 3)
         if len(build.train) < cfg.min_train_examples:
             return self.store.update_run(run_id, status="failed", reason=(
                 f"not enough training data: {len(build.train)} examples (< {cfg.min_train_examples})"))
@@ -143,20 +146,26 @@ class Iteration:
             spec["config"].setdefault("desirable_weight", build.desirable_weight)
             spec["config"].setdefault("undesirable_weight", build.undesirable_weight)
         self.store.update_run(run_id, parent=live, params={**(run.get("params") or {}), "job": spec["config"]})
+        t = time.monotonic()
         version, result = await self._train(run_id, spec, work)
+        phases["train_job"] = round(time.monotonic() - t, 3)
         if version is None:
             return self.store.update_run(run_id, status="failed", reason=result.get("error", "training failed"))
+        # Where the iteration's wall time goes (the job's own `train_seconds` is the optimizer loop).
+        result = {**result, "phase_seconds": phases}
         self.store.update_run(run_id, version=version, result=result)
 
         # 3. The gate.
+        t = time.monotonic()
         cand_name = await self.hooks.load_candidate(version)
         try:
             gate = await self._gate(work, gate_files["eval"], live, version, cand_name)
         except Exception:
             await self.hooks.unload(cand_name)
             raise
+        phases["gate"] = round(time.monotonic() - t, 3)
         passed, reason = gate["passed"], gate["reason"]
-        self.store.update_run(run_id, gate=gate)
+        self.store.update_run(run_id, gate=gate, result=result)
         if not passed:
             await self.hooks.unload(cand_name)
             self.registry.set_status(version, "rejected", reason)
@@ -165,8 +174,10 @@ class Iteration:
             await self.hooks.unload(cand_name)
             self.registry.set_status(version, "candidate", f"passed the gate, not promoted: {reason}")
             return self.store.update_run(run_id, status="passed", reason=f"gate passed; not promoted ({reason})")
+        t = time.monotonic()
         await self.hooks.promote(version, f"{run_id}: {reason}")
-        return self.store.update_run(run_id, status="promoted", reason=reason)
+        phases["promotion"] = round(time.monotonic() - t, 3)
+        return self.store.update_run(run_id, status="promoted", reason=reason, result=result)
 
     async def _train(self, run_id: str, spec: dict, work: Path) -> tuple[str | None, dict]:
         work.mkdir(parents=True, exist_ok=True)
@@ -207,8 +218,9 @@ class Iteration:
         pref = json.loads(out.decode().strip().splitlines()[-1])
         cases = load_regression_set()
         live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
-        tools = {"candidate": await tool_validity(self.hooks.chat, cand_name, cases),
-                 "live": await tool_validity(self.hooks.chat, live_name, cases)}
+        cand_tools, live_tools = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
+                                                      tool_validity(self.hooks.chat, live_name, cases))
+        tools = {"candidate": cand_tools, "live": live_tools}
         passed, reason = decide(cfg, pref, tools)
         return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools,
                 "config": asdict(cfg), "at": time.time()}

@@ -56,8 +56,9 @@ def _split_pairs(inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.T
 class SharedPrefixDPOTrainer(DPOTrainer):
     """DPOTrainer whose loss runs each pair's prompt once (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prompt_gradient: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.prompt_gradient = prompt_gradient
         self._ref_cache: dict[bytes, tuple[float, float]] = {}
         self.shared_batches = 0  # batches this path computed (the rest went to TRL's)
 
@@ -99,7 +100,7 @@ class SharedPrefixDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         tok_c, tok_r, hit_c = [], [], []
         for prompt, chosen, rejected in pairs:
-            lp, top1 = pair_logps(model, prompt, [chosen, rejected])
+            lp, top1 = pair_logps(model, prompt, [chosen, rejected], prompt_gradient=self.prompt_gradient)
             tok_c.append(lp[0])
             tok_r.append(lp[1])
             hit_c.append(top1[0])

@@ -83,6 +83,9 @@ def test_one_iteration_learns_the_users_preference(server):
         assert gate["tool_validity"]["candidate"]["validity"] >= gate["tool_validity"]["live"]["validity"]
         assert run["metrics"] and "loss" in run["metrics"][0]
         assert run["dataset"]["train"] >= 4
+        phases = run["result"]["phase_seconds"]  # where the iteration's time went
+        assert set(phases) == {"dataset", "train_job", "gate", "promotion"} and all(v >= 0 for v in phases.values())
+        assert phases["train_job"] >= run["result"]["train_seconds"]
         version = run["version"]
         adapters = {a["version"]: a for a in server.admin("GET", "/admin/adapters").json()["data"]}
         assert adapters[version]["status"] == "live" and adapters[version]["parent"] == "v0000"

@@ -17,9 +17,23 @@ torch = pytest.importorskip("torch")
 
 from rl.common import build_dataset, load_tokenizer  # noqa: E402
 from rl.shared_prefix import SharedPrefixDPOTrainer  # noqa: E402
-from tests.test_rl_training import STYLE_ROWS, TEMPLATE, TOOL_ROWS  # noqa: E402
+from tests.test_rl_training import STYLE_ROWS, TEMPLATE, TOOL_ROWS, WEATHER, say, user  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def call(city: str) -> list[dict]:
+    return say("", tool_calls=[{"id": "call_1", "type": "function",
+                                "function": {"name": "get_weather", "arguments": {"city": city}}}])
+
+
+# Answers that share leading tokens: two calls differing in one argument, and an answer that
+# is the start of the other (the shared part then stops one token short of the shorter one).
+PREFIX_ROWS = [
+    {"prompt": user("Weather in Paris?"), "tools": [WEATHER], "chosen": call("Paris"), "rejected": call("Lyon")},
+    {"prompt": user("Can you help?"), "tools": None, "chosen": say("Sure. What should I check?"),
+     "rejected": say("Sure.")},
+]
 
 
 def make_trainer(tiny_model, tmp_path, loss_type, max_length=320, continued=False):
@@ -43,7 +57,7 @@ def make_trainer(tiny_model, tmp_path, loss_type, max_length=320, continued=Fals
     args = DPOConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False,
                      per_device_train_batch_size=2, max_length=max_length, loss_type=loss_type,
                      loss_weights=weights, beta=0.2, disable_tqdm=True, gradient_checkpointing=False)
-    ds = build_dataset(STYLE_ROWS[:2] + TOOL_ROWS, "dpo", TEMPLATE)
+    ds = build_dataset(STYLE_ROWS[:2] + TOOL_ROWS + PREFIX_ROWS, "dpo", TEMPLATE)
     trainer = SharedPrefixDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                      peft_config=peft_config)
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -79,7 +93,7 @@ def test_shared_prompt_forward_equals_trl(tiny_model, tmp_path, loss_type, conti
 
     trainer, policy = make_trainer(tiny_model, tmp_path, loss_type, max_length, continued)
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    for batch_rows in (rows[:2], rows[2:]):
+    for batch_rows in (rows[:2], rows[2:4], rows[4:]):
         batch = trainer.data_collator(batch_rows)
         ref_loss, ref_grads, ref_metrics = loss_and_grads(DPOTrainer._compute_loss, trainer, policy, batch)
         before = trainer.shared_batches
@@ -97,3 +111,27 @@ def test_shared_prompt_forward_equals_trl(tiny_model, tmp_path, loss_type, conti
         again, _, _ = loss_and_grads(SharedPrefixDPOTrainer._compute_loss, trainer, policy, batch)
         assert again == pytest.approx(loss, rel=1e-6)
     assert len(trainer._ref_cache) == len(rows)
+
+
+def test_without_prompt_gradient_the_loss_is_exact_and_only_answers_train(tiny_model, tmp_path):
+    """prompt_gradient=False: same loss as TRL (the forward is exact); the gradient is the part
+    that flows through the answer tokens -- non-zero, and different from the full one."""
+    from trl import DPOTrainer
+
+    trainer, policy = make_trainer(tiny_model, tmp_path, ["sigmoid", "sft"])
+    trainer.prompt_gradient = False
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2, 4)])  # the tool rows
+    ref_loss, ref_grads, _ = loss_and_grads(DPOTrainer._compute_loss, trainer, policy, batch)
+    loss, grads, _ = loss_and_grads(SharedPrefixDPOTrainer._compute_loss, trainer, policy, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-5)
+    assert grads.keys() == ref_grads.keys() and any(float(g.abs().max()) > 0 for g in grads.values())
+    total = sum(float((grads[n] - ref_grads[n]).norm()) for n in grads)
+    assert total > 1e-3 * sum(float(g.norm()) for g in ref_grads.values())
+
+
+def test_prompt_gradient_off_needs_the_shared_prompt(tiny_model, tmp_path):
+    from rl.dpo import DPOJobConfig
+
+    with pytest.raises(ValueError, match="share_prompt"):
+        DPOJobConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "o"), share_prompt=False,
+                     prompt_gradient=False)
