@@ -40,6 +40,10 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca
 
 @dataclass
 class DPOJobConfig(LoraJobConfig):
+    # Defaults measured on tool-call corrections (docs/benchmarks.md, "Learning from corrections"):
+    # LoRA DPO on a few dozen pairs barely moves at 5e-5; 1e-3 with the NLL term below learned.
+    learning_rate: float = _help("Peak AdamW learning rate (LoRA on a few dozen pairs wants ~1e-3).", 1e-3)
+    per_device_train_batch_size: int = _help("Pairs per forward pass.", 2)
     loss_type: str = _help("DPO loss variant (trl.DPOConfig.loss_type); 'sigmoid' is the DPO paper's.",
                            "sigmoid", choices=list(DPO_LOSSES))
     label_smoothing: float = _help("Assumed probability that a preference label is flipped (cDPO/robust), "
@@ -47,7 +51,7 @@ class DPOJobConfig(LoraJobConfig):
     sft_weight: float = _help("Weight of an NLL term on the chosen answer added to the DPO loss (RPO; TRL's "
                               "'sft' loss). Plain DPO lowers the chosen answer's likelihood along with the "
                               "rejected one's; with corrections (a known-good answer) the NLL keeps it rising. "
-                              "0 disables.", 0.0)
+                              "0 disables.", 1.0)
     share_prompt: bool = _help("Run each pair's prompt through the model once and score both answers on its "
                                "keys/values (rl/shared_prefix.py): the same loss and gradients as TRL's two "
                                "full sequences, ~2x less work when the prompt is long (tool schemas). False "

@@ -209,18 +209,41 @@ class Iteration:
         spec = {"base_model": self.base_model, "template": self.template, "rows": str(eval_rows),
                 "adapters": {"live": live_path, "candidate": str(cand_m.path)}}
         (work / "gate.json").write_text(json.dumps(spec))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rl.gate", str(work / "gate.json"),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"gate evaluation failed: {err.decode()[-1500:]}")
-        pref = json.loads(out.decode().strip().splitlines()[-1])
-        cases = load_regression_set()
-        live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
-        cand_tools, live_tools = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
-                                                      tool_validity(self.hooks.chat, live_name, cases))
-        tools = {"candidate": cand_tools, "live": live_tools}
+        seconds: dict[str, float] = {}
+
+        async def preference() -> dict:
+            t = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "rl.gate", str(work / "gate.json"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            try:
+                out, err = await proc.communicate()
+            except asyncio.CancelledError:
+                proc.kill()
+                raise
+            if proc.returncode != 0:
+                raise RuntimeError(f"gate evaluation failed: {err.decode()[-1500:]}")
+            seconds["preference"] = round(time.monotonic() - t, 3)
+            return json.loads(out.decode().strip().splitlines()[-1])
+
+        async def validity() -> dict:
+            t = time.monotonic()
+            cases = load_regression_set()
+            live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
+            cand, live_v = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
+                                                tool_validity(self.hooks.chat, live_name, cases))
+            seconds["tool_validity"] = round(time.monotonic() - t, 3)
+            return {"candidate": cand, "live": live_v}
+
+        # The two checks are independent (a scoring process on the saved adapters, and requests
+        # to the engine): run them side by side.
+        pref_task = asyncio.ensure_future(preference())
+        try:
+            tools = await validity()
+            pref = await pref_task
+        finally:
+            if not pref_task.done():
+                pref_task.cancel()
         passed, reason = decide(cfg, pref, tools)
         return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools,
-                "config": asdict(cfg), "at": time.time()}
+                "config": asdict(cfg), "seconds": seconds, "at": time.time()}

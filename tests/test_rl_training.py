@@ -100,7 +100,8 @@ def fresh_dpo(tiny_model, tmp_path_factory):
     """One fresh-LoRA DPO run, shared by the tests that inspect it."""
     out = tmp_path_factory.mktemp("dpo-fresh") / "adapter"
     calls: list[tuple[int, dict]] = []
-    cfg = DPOJobConfig(base_model=str(tiny_model), output_dir=str(out), max_steps=6, learning_rate=2e-3, **SHORT)
+    cfg = DPOJobConfig(base_model=str(tiny_model), output_dir=str(out), max_steps=6, learning_rate=2e-3,
+                       sft_weight=0.0, **SHORT)  # plain DPO: test_sft_weight_* compares against it
     result = train_dpo(cfg, STYLE_ROWS + TOOL_ROWS, on_log=lambda step, m: calls.append((step, m)))
     print(f"\n[timing] tiny model DPO, batch 2, fresh LoRA r=8: {result.seconds_per_step:.3f} s/step "
           f"({result.steps} steps, {result.train_seconds:.1f} s training, {result.seconds:.1f} s total)")
