@@ -36,13 +36,14 @@ from typing import Any, Callable
 from rl.registry import DEFAULT_MAX_RANK, validate_adapter
 
 __all__ = [
-    "LoraJobConfig", "TrainResult", "TrainingError", "OnLog",
+    "LoraJobConfig", "TrainResult", "TrainingError", "OnLog", "AfterTrain",
     "normalize_message", "build_dataset", "load_tokenizer", "pair_logps", "answer_logprobs", "completion_logprob",
     "preference_margins",
     "run_training",
 ]
 
 OnLog = Callable[[int, dict], None]
+AfterTrain = Callable[[Any, Any], dict]
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what serve/zero_adapter.py targets
 # TRL's summary log at the end of train(): kept as the run summary, not a step.
 _SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
@@ -154,6 +155,8 @@ class TrainResult:
     precision: str
     device: str
     shared_prompt_batches: int = 0  # batches whose prompt ran once for both answers (rl/shared_prefix.py)
+    after_train: dict | None = None  # what the run's `after_train` hook returned (the gate's scores)
+    after_train_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -498,8 +501,13 @@ def _metrics_callback(on_log: OnLog | None):
 
 
 def run_training(method: str, cfg: LoraJobConfig, trainer_cls, config_cls, method_args: dict,
-                 train_rows: list[dict], eval_rows: list[dict] | None, on_log: OnLog | None) -> TrainResult:
-    """Build the TRL trainer for `method`, train, check the effect, save into cfg.output_dir."""
+                 train_rows: list[dict], eval_rows: list[dict] | None, on_log: OnLog | None,
+                 after_train: AfterTrain | None = None) -> TrainResult:
+    """Build the TRL trainer for `method`, train, check the effect, save into cfg.output_dir.
+
+    `after_train(model, tokenizer)` runs once the adapter is saved, on the trained PeftModel
+    (adapter "default") in the run's precision, while the model is still loaded: the loop
+    scores the gate's held-out pairs there instead of loading the model again."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
 
@@ -572,10 +580,16 @@ def run_training(method: str, cfg: LoraJobConfig, trainer_cls, config_cls, metho
         policy.save_pretrained(str(out), selected_adapters=["default"])
         with contextlib.suppress(OSError):
             (out / "README.md").unlink()  # PEFT's model-card stub
+        scores, t_after = None, time.monotonic()
+        if after_train is not None:
+            with trainer.accelerator.autocast():
+                scores = after_train(policy, tokenizer)
+        after_seconds = time.monotonic() - t_after
     validate_adapter(out, max_rank=cfg.max_rank, base_model_dir=cfg.base_model)
     return TrainResult(
         output_dir=str(out), method=method, steps=steps, seconds=round(time.monotonic() - t0, 3),
         train_seconds=round(train_seconds, 3), seconds_per_step=round(train_seconds / max(steps, 1), 4),
         examples=examples, dropped=len(train_rows) - examples, final_metrics=final, history=callback.history,
         changed_tensors=changed, precision=precision, device=device,
-        shared_prompt_batches=getattr(trainer, "shared_batches", 0))
+        shared_prompt_batches=getattr(trainer, "shared_batches", 0), after_train=scores,
+        after_train_seconds=round(after_seconds, 3))

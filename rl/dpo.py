@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from rl.common import LoraJobConfig, OnLog, TrainResult, _help, run_training
+from rl.common import AfterTrain, LoraJobConfig, OnLog, TrainResult, _help, run_training
 
 __all__ = ["DPOJobConfig", "train_dpo", "DPO_LOSSES"]
 
@@ -75,7 +75,7 @@ class DPOJobConfig(LoraJobConfig):
 
 
 def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] | None = None, *,
-              on_log: OnLog | None = None) -> TrainResult:
+              on_log: OnLog | None = None, after_train: AfterTrain | None = None) -> TrainResult:
     """Train a DPO LoRA on `train_rows`; `on_log(step, metrics)` is called once per optimizer step."""
     from trl import DPOConfig, DPOTrainer
 
@@ -86,4 +86,4 @@ def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] |
         extra.update(loss_type=[cfg.loss_type, "sft"], loss_weights=[1.0, cfg.sft_weight])
     trainer_cls = (functools.partial(SharedPrefixDPOTrainer, prompt_gradient=cfg.prompt_gradient)
                    if cfg.share_prompt else DPOTrainer)
-    return run_training("dpo", cfg, trainer_cls, DPOConfig, extra, train_rows, eval_rows, on_log)
+    return run_training("dpo", cfg, trainer_cls, DPOConfig, extra, train_rows, eval_rows, on_log, after_train)

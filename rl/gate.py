@@ -14,9 +14,12 @@ Two checks, both against the version that is live now:
    share of forced tool calls that name an offered tool and whose arguments
    validate against its schema. It must not drop by more than `max_validity_drop`.
 
-`preference_accuracy` needs torch and runs in its own process
-(`python -m rl.gate <spec.json>`), never in the gateway's event loop;
-`tool_validity` only needs a chat callable (the gateway passes its engine pool).
+The preference check needs torch, so it never runs in the gateway's event loop.
+The loop has the training job run it (`score_loaded` on the model the job
+already holds, right after training), which saves a process start and a model
+load per iteration; `python -m rl.gate <spec.json>` (`preference_accuracy`)
+scores saved adapters in a process of its own. `tool_validity` only needs a
+chat callable (the gateway passes its engine pool).
 """
 
 from __future__ import annotations
@@ -70,33 +73,55 @@ def summarize(margins: list[float], callers: list[str]) -> dict:
             "mean_margin": sum(margins) / n if n else 0.0, "n": n, "callers": len(by_caller)}
 
 
+def score_loaded(model, tokenizer, template: str, rows: list[dict], adapters: dict[str, str | None]) -> dict:
+    """{name: summarize(...)} for each adapter, scored on `model`, a PeftModel over the base.
+
+    Each value is the name of an adapter already in `model`, a folder to load into it, or None
+    (the base itself: margins 0 by definition). Margins are taken against the base, which is
+    the same model with its adapters disabled. The active adapter is restored afterwards."""
+    from rl.common import preference_margins
+
+    callers = [str(r.get("caller") or "") for r in rows]
+    was_training, active = model.training, model.active_adapter
+    model.eval()
+    try:
+        with model.disable_adapter():
+            base_margins = preference_margins(model, tokenizer, template, rows)
+        out: dict[str, dict] = {}
+        for name, source in adapters.items():
+            if source is None:
+                margins = [0.0] * len(rows)
+            else:
+                loaded = source
+                if source not in model.peft_config:
+                    loaded = f"gate-{name}"
+                    model.load_adapter(source, adapter_name=loaded, is_trainable=False)
+                model.set_adapter(loaded)
+                margins = [m - b for m, b in zip(preference_margins(model, tokenizer, template, rows), base_margins)]
+            out[name] = summarize(margins, callers)
+    finally:
+        model.set_adapter(active)
+        model.train(was_training)
+    return out
+
+
 def preference_accuracy(base_model: str, template: str, rows: list[dict], adapters: dict[str, str | None]) -> dict:
-    """{name: summarize(...)} for each adapter folder (None = the base)."""
+    """{name: summarize(...)} for each adapter folder (None = the base), loading the base in fp32."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rl.common import load_tokenizer, preference_margins
+    from rl.common import load_tokenizer
 
+    paths = [p for p in adapters.values() if p is not None]
+    if not paths:
+        zero = summarize([0.0] * len(rows), [str(r.get("caller") or "") for r in rows])
+        return {name: dict(zero) for name in adapters}
     tok = load_tokenizer(base_model, template)
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    base.eval()
-    base_margins = preference_margins(base, tok, template, rows)
-    out: dict[str, dict] = {}
-    model = None
-    for name, path in adapters.items():
-        if path is None:
-            margins = [0.0] * len(rows)
-        else:
-            if model is None:
-                model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
-            else:
-                model.load_adapter(path, adapter_name=name, is_trainable=False)
-            model.set_adapter(name)
-            model.eval()
-            margins = [m - b for m, b in zip(preference_margins(model, tok, template, rows), base_margins)]
-        out[name] = summarize(margins, [str(r.get("caller") or "") for r in rows])
-    return out
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="gate-first", is_trainable=False)
+    return score_loaded(model, tok, template, rows,
+                        {n: ("gate-first" if p == paths[0] else p) for n, p in adapters.items()})
 
 
 def _valid(call: dict, tools: list[dict]) -> bool:

@@ -18,6 +18,10 @@ Spec (JSON object):
     max_rank      engine's max LoRA rank (default 16)
     dataset_ids   optional, overrides the ids taken from the rows
     reason        optional text for the new version's manifest
+    gate          optional {"rows": JSONL of held-out DPO pairs, "live": adapter folder or null
+                  (the base)}: after training, while the model is loaded, the job scores
+                  the pairs under the live adapter and the candidate (rl/gate.py
+                  `score_loaded`) and reports them as result["gate_preference"]
 Events, one JSON object per line on stdout:
     {"event": "start", "pid", "method", "parent", "examples"}
     {"event": "step", "step", "metrics": {...}, "elapsed"}
@@ -125,6 +129,8 @@ def run_spec(spec: dict, emit: Emit) -> dict:
                 seen.setdefault(json.dumps(i), i)
         dataset_ids = list(seen.values())
 
+    gate = spec.get("gate")
+    after_train = _gate_scorer(gate, template) if gate else None
     work = registry.make_temp_dir("train")
     try:
         cfg = config_cls.from_dict({**overrides, "base_model": spec["base_model"], "output_dir": str(work / "adapter"),
@@ -134,11 +140,14 @@ def run_spec(spec: dict, emit: Emit) -> dict:
         t0 = time.monotonic()
         result = train(cfg, rows, eval_rows,
                        on_log=lambda step, m: emit({"event": "step", "step": step, "metrics": m,
-                                                    "elapsed": round(time.monotonic() - t0, 3)}))
+                                                    "elapsed": round(time.monotonic() - t0, 3)}),
+                       after_train=after_train)
         summary = {"steps": result.steps, "seconds": result.seconds, "train_seconds": result.train_seconds,
                    "seconds_per_step": result.seconds_per_step,
                    "examples": result.examples, "precision": result.precision, "device": result.device}
         metrics = {**result.final_metrics, **summary}
+        if gate:
+            summary.update(gate_preference=result.after_train, gate_seconds=result.after_train_seconds)
         # No SIGTERM/SIGINT between the rename into place and the "done" event: a version
         # that exists must be reported as done, never as failed.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -154,6 +163,21 @@ def run_spec(spec: dict, emit: Emit) -> dict:
         return manifest.to_dict()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _gate_scorer(gate: dict, template: str):
+    """The after-training hook scoring the gate's held-out pairs (spec "gate")."""
+    if not gate.get("rows"):
+        raise ValueError("spec gate needs 'rows' (a JSONL of held-out DPO pairs)")
+    rows = load_rows(gate["rows"])
+    live = gate.get("live")
+
+    def score(model, tokenizer) -> dict:
+        from rl.gate import score_loaded
+
+        return score_loaded(model, tokenizer, template, rows, {"live": live, "candidate": "default"})
+
+    return score
 
 
 def _event_stream() -> IO[str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rl.common import LoraJobConfig, OnLog, TrainingError, TrainResult, _help, run_training
+from rl.common import AfterTrain, LoraJobConfig, OnLog, TrainingError, TrainResult, _help, run_training
 
 __all__ = ["KTOJobConfig", "train_kto", "KTO_LOSSES"]
 
@@ -45,7 +45,7 @@ class KTOJobConfig(LoraJobConfig):
 
 
 def train_kto(cfg: KTOJobConfig, train_rows: list[dict], eval_rows: list[dict] | None = None, *,
-              on_log: OnLog | None = None) -> TrainResult:
+              on_log: OnLog | None = None, after_train: AfterTrain | None = None) -> TrainResult:
     """Train a KTO LoRA on labelled completions; `on_log(step, metrics)` once per optimizer step."""
     from trl import KTOConfig, KTOTrainer
 
@@ -57,4 +57,4 @@ def train_kto(cfg: KTOJobConfig, train_rows: list[dict], eval_rows: list[dict] |
     return run_training("kto", cfg, KTOTrainer, KTOConfig,
                         {"loss_type": cfg.loss_type, "desirable_weight": cfg.desirable_weight,
                          "undesirable_weight": cfg.undesirable_weight},
-                        train_rows, eval_rows, on_log)
+                        train_rows, eval_rows, on_log, after_train)

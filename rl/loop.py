@@ -1,8 +1,8 @@
 """One iteration of the learning loop: feedback -> dataset -> training job -> gate -> promotion.
 
 The orchestration only: datasets come from rl/datasets.py, training runs as
-its own process (rl/job.py), the preference check runs as its own process
-(rl/gate.py), and everything that touches the serving engines goes through
+its own process (rl/job.py), which also scores the gate's held-out pairs on
+the model it has loaded (rl/gate.py `score_loaded`), and everything that touches the serving engines goes through
 `LoopHooks` (the gateway implements them in serve/loop.py). Nothing here
 imports fastapi, and nothing heavy runs on the caller's event loop: blocking
 work is in subprocesses or worker threads.
@@ -22,9 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,9 +137,13 @@ class Iteration:
 
         # 2. Training, in its own process; the candidate lands in the registry only on success.
         live = self.hooks.live_version()
+        # The job also scores the gate's held-out pairs, under the live adapter and the candidate,
+        # while it has the model loaded (a separate scoring process cost a start and a load).
+        gate_spec = {"rows": str(gate_files["eval"]), "live": self._gate_adapter_path(live)}
         spec = {"method": cfg.method, "registry": str(self.registry.root), "base_model": self.base_model,
                 "dataset": str(files["train"]), "parent": live, "template": self.template,
-                "config": dict(cfg.train), "dataset_ids": build.dataset_ids, "reason": f"trained by {run_id}"}
+                "config": dict(cfg.train), "dataset_ids": build.dataset_ids, "reason": f"trained by {run_id}",
+                "gate": gate_spec}
         if cfg.method == "kto":
             spec["config"].setdefault("desirable_weight", build.desirable_weight)
             spec["config"].setdefault("undesirable_weight", build.undesirable_weight)
@@ -152,6 +154,8 @@ class Iteration:
         if version is None:
             return self.store.update_run(run_id, status="failed", reason=result.get("error", "training failed"))
         # Where the iteration's wall time goes (the job's own `train_seconds` is the optimizer loop).
+        pref = result.pop("gate_preference", None)
+        pref_seconds = result.pop("gate_seconds", None)
         result = {**result, "phase_seconds": phases}
         self.store.update_run(run_id, version=version, result=result)
 
@@ -159,7 +163,9 @@ class Iteration:
         t = time.monotonic()
         cand_name = await self.hooks.load_candidate(version)
         try:
-            gate = await self._gate(work, gate_files["eval"], live, version, cand_name)
+            if pref is None:
+                raise RuntimeError("the training job reported no gate scores")
+            gate = await self._gate(pref, pref_seconds, live, cand_name)
         except Exception:
             await self.hooks.unload(cand_name)
             raise
@@ -201,49 +207,21 @@ class Iteration:
             return None, {"error": done.get("error") or "training job ended without a result"}
         return done["version"], done.get("result") or {}
 
-    async def _gate(self, work: Path, eval_rows: Path, live: str, version: str, cand_name: str) -> dict:
-        cfg = self.cfg.gate
-        live_m, cand_m = self.registry.get(live), self.registry.get(version)
+    def _gate_adapter_path(self, version: str) -> str | None:
+        m = self.registry.get(version)
         # The base adapter (v0000) is the reference itself: its margins are 0 by definition.
-        live_path = None if live_m.parent is None and live_m.version == "v0000" else str(live_m.path)
-        spec = {"base_model": self.base_model, "template": self.template, "rows": str(eval_rows),
-                "adapters": {"live": live_path, "candidate": str(cand_m.path)}}
-        (work / "gate.json").write_text(json.dumps(spec))
-        seconds: dict[str, float] = {}
+        return None if m.parent is None and m.version == "v0000" else str(m.path)
 
-        async def preference() -> dict:
-            t = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "rl.gate", str(work / "gate.json"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            try:
-                out, err = await proc.communicate()
-            except asyncio.CancelledError:
-                proc.kill()
-                raise
-            if proc.returncode != 0:
-                raise RuntimeError(f"gate evaluation failed: {err.decode()[-1500:]}")
-            seconds["preference"] = round(time.monotonic() - t, 3)
-            return json.loads(out.decode().strip().splitlines()[-1])
-
-        async def validity() -> dict:
-            t = time.monotonic()
-            cases = load_regression_set()
-            live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
-            cand, live_v = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
-                                                tool_validity(self.hooks.chat, live_name, cases))
-            seconds["tool_validity"] = round(time.monotonic() - t, 3)
-            return {"candidate": cand, "live": live_v}
-
-        # The two checks are independent (a scoring process on the saved adapters, and requests
-        # to the engine): run them side by side.
-        pref_task = asyncio.ensure_future(preference())
-        try:
-            tools = await validity()
-            pref = await pref_task
-        finally:
-            if not pref_task.done():
-                pref_task.cancel()
+    async def _gate(self, pref: dict, pref_seconds: float | None, live: str, cand_name: str) -> dict:
+        """Decide on the job's preference scores and the tool-validity requests to the engine."""
+        cfg = self.cfg.gate
+        t = time.monotonic()
+        cases = load_regression_set()
+        live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
+        cand, live_v = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
+                                            tool_validity(self.hooks.chat, live_name, cases))
+        tools = {"candidate": cand, "live": live_v}
+        seconds = {"preference": pref_seconds, "tool_validity": round(time.monotonic() - t, 3)}
         passed, reason = decide(cfg, pref, tools)
         return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools,
                 "config": asdict(cfg), "seconds": seconds, "at": time.time()}

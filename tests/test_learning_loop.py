@@ -86,6 +86,8 @@ def test_one_iteration_learns_the_users_preference(server):
         phases = run["result"]["phase_seconds"]  # where the iteration's time went
         assert set(phases) == {"dataset", "train_job", "gate", "promotion"} and all(v >= 0 for v in phases.values())
         assert phases["train_job"] >= run["result"]["train_seconds"]
+        # The preference check ran inside the training job, on the model it had loaded.
+        assert gate["seconds"]["preference"] > 0 and "gate_preference" not in run["result"]
         version = run["version"]
         adapters = {a["version"]: a for a in server.admin("GET", "/admin/adapters").json()["data"]}
         assert adapters[version]["status"] == "live" and adapters[version]["parent"] == "v0000"

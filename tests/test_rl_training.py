@@ -352,6 +352,33 @@ def test_job_commits_a_candidate_on_success(tiny_model, job_registry, tmp_path):
     assert list(job_registry.root.glob(".tmp-*")) == []
 
 
+def test_job_scores_the_gate_pairs_as_the_standalone_gate_does(fresh_dpo, tiny_model, job_registry, tmp_path):
+    """The loop's gate takes its preference numbers from the training job (the model is loaded
+    there already); they must be what scoring the saved adapters from scratch gives."""
+    from rl.gate import preference_accuracy
+
+    data = write_rows(tmp_path / "pairs.jsonl", STYLE_ROWS + TOOL_ROWS)
+    held = [{**r, "caller": f"key{i % 2}"} for i, r in enumerate(STYLE_ROWS + TOOL_ROWS)]
+    gate_rows = write_rows(tmp_path / "gate.jsonl", held)
+    live = fresh_dpo[0].output_dir  # any adapter other than the parent: the job must load it
+    spec = {**job_spec(tiny_model, job_registry, data, max_steps=2, precision="fp32"),
+            "gate": {"rows": str(gate_rows), "live": live}}
+    events = list(read_events(proc := start_job(spec, log_path=tmp_path / "job.log")))
+    assert proc.returncode == 0, (events, (tmp_path / "job.log").read_text()[-3000:])
+    done = events[-1]
+    in_job = done["result"]["gate_preference"]
+    assert done["result"]["gate_seconds"] > 0
+    fresh = preference_accuracy(str(tiny_model), TEMPLATE, held,
+                                {"live": live, "candidate": str(job_registry.path(done["version"]))})
+    for name in ("live", "candidate"):
+        assert in_job[name]["n"] == len(held) and in_job[name]["callers"] == 2
+        assert in_job[name]["accuracy"] == fresh[name]["accuracy"], (in_job, fresh)
+        assert in_job[name]["mean_margin"] == pytest.approx(fresh[name]["mean_margin"], rel=1e-3, abs=1e-4)
+    # fresh_dpo learned the style preference: its margins against the base are far from 0.
+    assert in_job["live"]["mean_margin"] > 0.5
+    assert preference_accuracy(str(tiny_model), TEMPLATE, held, {"live": None})["live"]["mean_margin"] == 0.0
+
+
 def test_job_reports_a_bad_spec_and_commits_nothing(tiny_model, job_registry, tmp_path):
     data = write_rows(tmp_path / "pairs.jsonl", STYLE_ROWS)
     spec = {**job_spec(tiny_model, job_registry, data), "method": "kto"}
