@@ -112,9 +112,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--sft-weight", type=float, default=0.0, help="NLL on the chosen answer (DPOJobConfig.sft_weight)")
+    # Unset training options keep DPOJobConfig's defaults (rl/dpo.py): the bench measures the product.
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step")
+    p.add_argument("--sft-weight", type=float, default=None, help="NLL on the chosen answer (DPOJobConfig.sft_weight)")
     p.add_argument("--max-length", type=int, default=640, help="tokens per training example (prompt + answer)")
     p.add_argument("--eval-percent", type=int, default=20, help="share of the pairs the gate holds out")
     p.add_argument("--job", type=json.loads, default={},
@@ -129,9 +131,11 @@ def main() -> None:
     random.Random(args.seed).shuffle(cases)
     train, held = cases[: args.train], cases[args.train: args.train + args.held_out]
     params = {"method": "dpo", "eval_percent": args.eval_percent, "min_train_examples": 4,
-              "train": {"learning_rate": args.learning_rate, "num_train_epochs": args.epochs,
-                        "per_device_train_batch_size": 2, "max_length": args.max_length,
-                        "sft_weight": args.sft_weight, **args.job},
+              "train": {**{k: v for k, v in (("learning_rate", args.learning_rate),
+                                               ("num_train_epochs", args.epochs),
+                                               ("per_device_train_batch_size", args.batch_size),
+                                               ("sft_weight", args.sft_weight)) if v is not None},
+                        "max_length": args.max_length, **args.job},
               "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
     proc, url = start_agentloop(home, ensure_default_model())
@@ -155,8 +159,8 @@ def main() -> None:
         stop_gateway(proc)
     gain = 100 * (after[0] / after[1] - before[0] / before[1])
     print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
-          f"held out {len(held)}; lr {args.learning_rate}, {args.epochs} epoch(s), max_length {args.max_length}, "
-          f"sft_weight {args.sft_weight}, eval_percent {args.eval_percent}, job {json.dumps(args.job)}")
+          f"held out {len(held)}; eval_percent {args.eval_percent}; job settings (the rest are "
+          f"DPOJobConfig's defaults) {json.dumps(params['train'])}")
     print(f"AST accuracy (tool_choice=required), held out: before {before[0]}/{before[1]} "
           f"({100*before[0]/before[1]:.1f}%), after {after[0]}/{after[1]} ({100*after[0]/after[1]:.1f}%), "
           f"gain {gain:+.1f} points")
