@@ -3,9 +3,11 @@
 Owns: one end-to-end run of the product's promise on public data. It starts an agentloop
 gateway on the default model, measures BFCL AST accuracy on a held-out split of the `simple`
 category (`tool_choice=required`), then plays a user on a disjoint training split: asks each
-question through the gateway and answers the model's call with a correction (the ground-truth
-call: for each parameter its first allowed value) or, when the call is already right, a thumbs
-up. Then one loop iteration (`POST /admin/train`: dataset, DPO job, gate, promotion) and the
+question through the gateway and answers the model's call with a correction or, when the call
+is already right, a thumbs up. A correction fixes what is wrong and keeps the rest, as a careful
+user would: the values the checker accepts stay as the model wrote them, and optional parameters
+the model rightly left out stay out. `--full-corrections` restores the earlier user, who wrote the
+whole ground-truth call (each parameter's first allowed value, including unstated defaults). Then one loop iteration (`POST /admin/train`: dataset, DPO job, gate, promotion) and the
 held-out accuracy again on the new live version. Prints both accuracies, the gain in points,
 the gate's numbers and the wall time of the iteration (train call to promoted/rejected).
 
@@ -33,18 +35,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bfcl import DATA, _run, case_request, run_side, start_agentloop  # noqa: E402
-from bench.bfcl_ast import check_calls, load_category, openai_name  # noqa: E402
+from bench.bfcl_ast import _same, _type_ok, check_calls, load_category, openai_name  # noqa: E402
 
 USER = {"Authorization": "Bearer bfcl-user"}
 
 
-def ground_truth_call(case: dict) -> dict:
-    """The first ground-truth call as an OpenAI tool call with, for each parameter, its first
-    allowed value (a parameter whose only allowed value is "" is left out)."""
+def ground_truth_call(case: dict, answer: tuple[str, object] | None = None) -> dict:
+    """The first ground-truth call as an OpenAI tool call.
+
+    Without `answer`: for each parameter its first allowed value (a parameter whose only
+    allowed value is "" is left out). With `answer`, the model's (name, arguments) for the same
+    function, the correction is minimal, as a careful user writes it: a value the checker
+    accepts stays as the model wrote it, an optional parameter the model rightly left out
+    stays out, and only wrong, missing or extra parameters change."""
     (name, params), = case["ground_truth"][0].items()
+    doc = next((f for f in case["function"] if openai_name(f["name"]) == openai_name(name)), None)
+    props = ((doc or {}).get("parameters") or {}).get("properties") or {}
+    mine = answer[1] if answer and openai_name(answer[0]) == openai_name(name) and isinstance(answer[1], dict) \
+        else None
     args = {}
     for key, allowed in params.items():
         values = [v for v in allowed if v != ""]
+        if mine is not None:
+            if key in mine and _type_ok(mine[key], (props.get(key) or {}).get("type")) \
+                    and any(_same(mine[key], v) for v in values):
+                args[key] = mine[key]
+                continue
+            if key not in mine and "" in allowed:
+                continue
         if values:
             args[key] = values[0]
     return {"id": "call_0", "type": "function", "function": {"name": openai_name(name), "arguments": json.dumps(args)}}
@@ -54,8 +72,10 @@ def accuracy(results: list[dict]) -> tuple[int, int]:
     return sum(r["ast"] for r in results), len(results)
 
 
-async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int = 2) -> dict[str, int]:
-    """Ask every training question once; correct the wrong calls, thumbs-up the right ones."""
+async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int = 2,
+                record: list | None = None, args_minimal: bool = True) -> dict[str, int]:
+    """Ask every training question once; correct the wrong calls, thumbs-up the right ones
+    (each question's calls and feedback appended to `record` when given)."""
     counts = {"corrections": 0, "thumbs_up": 0, "errors": 0}
     queue = list(cases)
 
@@ -76,13 +96,18 @@ async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int =
                 except ValueError:
                     calls.append((c["function"]["name"], None))
             ok, _ = check_calls(case, calls)
+            # A careful user fixes what is wrong in the model's call, not the rest of it.
+            answer = calls[0] if args_minimal and len(calls) == 1 else None
             if ok:
                 fb = {"completion_id": resp["id"], "type": "thumbs", "value": 1}
             else:
                 fb = {"completion_id": resp["id"], "type": "correction",
-                      "correction": {"role": "assistant", "content": None, "tool_calls": [ground_truth_call(case)]}}
+                      "correction": {"role": "assistant", "content": None, "tool_calls": [ground_truth_call(case, answer)]}}
             f = await client.post(f"{url}/v1/feedback", json=fb)
             f.raise_for_status()
+            if record is not None:
+                record.append({"id": case.get("id"), "question": case_request(case, "required", max_tokens)["messages"],
+                               "calls": calls, "feedback": fb})
             counts["thumbs_up" if ok else "corrections"] += 1
 
     async with httpx.AsyncClient(timeout=900, headers=USER) as client:
@@ -122,6 +147,10 @@ def main() -> None:
     p.add_argument("--job", type=json.loads, default={},
                    help='more DPO job settings as JSON, e.g. \'{"prompt_gradient": false}\' (rl/dpo.py DPOJobConfig)')
     p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--full-corrections", action="store_true",
+                   help="correct with the whole ground-truth call (every parameter's first allowed value) "
+                        "instead of fixing only what the model got wrong (sessions 3-5 measured this way)")
+    p.add_argument("--dump", type=Path, help="write every question's calls and grade (before, teaching, after) as JSON")
     args = p.parse_args()
 
     from serve.default_model import ensure_default_model
@@ -140,10 +169,13 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
     proc, url = start_agentloop(home, ensure_default_model())
     try:
-        before = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
+        before_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
+        before = accuracy(before_rows)
         print(f"before: AST accuracy {before[0]}/{before[1]}", flush=True)
         t0 = time.perf_counter()
-        counts = _run(teach(url, train, args.max_tokens, args.concurrency))
+        taught: list[dict] = []
+        counts = _run(teach(url, train, args.max_tokens, args.concurrency, taught,
+                                args_minimal=not args.full_corrections))
         teach_s = time.perf_counter() - t0
         print(f"feedback: {counts} in {teach_s:.0f} s", flush=True)
         run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
@@ -154,9 +186,13 @@ def main() -> None:
         print(f"  job: {result.get('steps')} steps, {result.get('train_seconds')} s training "
               f"({result.get('seconds_per_step')} s/step), {result.get('seconds')} s in the job; "
               f"phases {json.dumps(result.get('phase_seconds'))}", flush=True)
-        after = accuracy(_run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency)))
+        after_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
+        after = accuracy(after_rows)
     finally:
         stop_gateway(proc)
+    if args.dump:
+        args.dump.write_text(json.dumps({"before": before_rows, "taught": taught, "after": after_rows,
+                                         "run": run}, indent=1, default=str))
     gain = 100 * (after[0] / after[1] - before[0] / before[1])
     print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
           f"held out {len(held)}; eval_percent {args.eval_percent}; job settings (the rest are "

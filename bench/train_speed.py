@@ -80,8 +80,9 @@ def kto_rows(n: int, kind: str = "short") -> list[dict]:
     return out
 
 
-def run(method: str, n: int, model: str, work: Path, kind: str = "short", forward: str = "shared") -> dict:
-    tag = f"{method}-{n}-{kind}-{forward}"
+def run(method: str, n: int, model: str, work: Path, kind: str = "short", forward: str = "shared",
+        job: dict | None = None) -> dict:
+    tag = f"{method}-{n}-{kind}-{forward}-{len(list(work.iterdir()))}"
     reg_root = work / f"reg-{tag}"
     write_zero_adapter(Path(model), reg_root / "v0000")
     data = work / f"{tag}.jsonl"
@@ -94,6 +95,7 @@ def run(method: str, n: int, model: str, work: Path, kind: str = "short", forwar
               "max_length": 128 if kind == "short" else 1024, "learning_rate": 5e-5}
     if method == "dpo":
         config.update(FORWARDS[forward])
+    config.update(job or {})
     spec = {"method": method, "registry": str(reg_root), "base_model": model, "dataset": str(data),
             "parent": "v0000", "config": config}
     t0 = time.perf_counter()
@@ -109,7 +111,8 @@ def run(method: str, n: int, model: str, work: Path, kind: str = "short", forwar
         raise SystemExit(f"{method} {n}: {done.get('error')}")
     res = done["result"]
     assert AdapterRegistry(reg_root).get(done["version"]).status == "candidate"
-    return {"method": method if method == "kto" else f"dpo/{forward}", "pairs": n, "steps": steps, "wall_s": wall, "train_s": res.get("train_seconds"),
+    return {"method": (method if method == "kto" else f"dpo/{forward}") + (f" {json.dumps(job)}" if job else ""),
+            "pairs": n, "steps": steps, "wall_s": wall, "train_s": res.get("train_seconds"),
             "s_per_step": res.get("seconds_per_step")}
 
 
@@ -121,6 +124,8 @@ def main() -> None:
     p.add_argument("--rows", choices=["short", "bfcl"], default="short", help="short prompts or BFCL tool prompts")
     p.add_argument("--dpo-forward", nargs="+", default=["shared"], choices=list(FORWARDS),
                    help="DPO forward(s) to time, each on the same rows")
+    p.add_argument("--job", type=json.loads, nargs="+", default=[{}],
+                   help='job settings to time side by side, e.g. \'{"cpu_base_weights": "fp32"}\' \'{"cpu_base_weights": "bf16"}\'')
     args = p.parse_args()
     if args.model is None:
         from serve.default_model import ensure_default_model
@@ -131,8 +136,8 @@ def main() -> None:
     print(f"{'method':18} {'pairs':>5} {'steps':>5} {'update s':>9} {'train s':>8} {'s/step':>7}")
     for method in args.methods:
         for n in args.pairs:
-            for forward in (args.dpo_forward if method == "dpo" else ["-"]):
-                r = run(method, n, args.model, work, args.rows, forward)
+            for forward, job in ((f, j) for f in (args.dpo_forward if method == "dpo" else ["-"]) for j in args.job):
+                r = run(method, n, args.model, work, args.rows, forward, job)
                 print(f"{r['method']:18} {r['pairs']:>5} {r['steps']:>5} {r['wall_s']:>9.1f} "
                       f"{(r['train_s'] or 0):>8.1f} {(r['s_per_step'] or 0):>7.2f}", flush=True)
 

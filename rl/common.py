@@ -91,6 +91,11 @@ class LoraJobConfig:
     precision: str = _help("'auto', 'fp32' or 'bf16' (bf16 autocast over fp32 weights on CPU; bf16 weights "
                            "on CUDA). auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
                            "else fp32.", "auto", choices=["auto", "fp32", "bf16"])
+    # Measured (docs/benchmarks.md, session 6): -27% a DPO step, no accuracy lost; vLLM serves bf16 too.
+    cpu_base_weights: str = _help("With bf16 on CPU: dtype of the frozen base weights. 'bf16' spares autocast "
+                                  "re-casting every frozen weight in every forward (~27% a DPO step); 'fp32' "
+                                  "keeps fp32 weights (and an fp32 residual stream).", "bf16",
+                                  choices=["fp32", "bf16"])
     load_in_4bit: bool = _help("Load the base in 4-bit NF4 (QLoRA; CUDA + bitsandbytes only).", False)
     gradient_checkpointing: bool = _help("Recompute activations in backward (saves memory, ~20-30% slower).",
                                          False)
@@ -125,6 +130,7 @@ class LoraJobConfig:
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto/cpu/cuda, got {self.device!r}")
         need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto/fp32/bf16, got {self.precision!r}")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")
+        need(self.cpu_base_weights in ("fp32", "bf16"), f"cpu_base_weights must be fp32/bf16, got {self.cpu_base_weights!r}")
         need(not (self.load_in_4bit and self.device == "cpu"), "load_in_4bit needs CUDA (bitsandbytes kernels)")
 
     @classmethod
@@ -353,8 +359,10 @@ def load_policy(cfg: LoraJobConfig, device: str, precision: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": 0}
-    # CPU: fp32 master weights even for bf16 (autocast does the bf16 math); CUDA bf16: bf16 weights.
-    dtype = torch.bfloat16 if (device == "cuda" and precision == "bf16") else torch.float32
+    # CUDA bf16: bf16 weights. CPU bf16: autocast does the bf16 math, over fp32 weights unless
+    # cpu_base_weights says bf16; the LoRA stays fp32 either way (PEFT's autocast_adapter_dtype).
+    bf16_weights = precision == "bf16" and (device == "cuda" or cfg.cpu_base_weights == "bf16")
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
     base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, **kwargs)
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -392,8 +400,8 @@ def pair_logps(model, prompt, answers: list, *, prompt_gradient: bool = True) ->
 
     k, lengths = len(answers), [len(a) for a in answers]
     width = max(lengths) if answers else 0
-    if width == 0 or min(lengths) == 0:
-        common = 0
+    if width == 0 or min(lengths) == 0 or (k == 1 and not prompt_gradient):
+        common = 0  # (a lone answer's tokens must not run in the gradient-free prompt pass)
     else:  # leading tokens all answers share, leaving each at least one token of its own
         common = 0
         first = answers[0]

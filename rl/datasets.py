@@ -78,6 +78,11 @@ class DatasetConfig:
     rating_undesirable_max: int = _help("KTO: ratings <= this are undesirable; those between are dropped.",
                                         default=2)
     dedupe: bool = _help("Drop examples identical (same TRL columns) to an earlier one.", default=True)
+    positives: bool = _help(
+        "DPO: keep a thumbs-up answer that has no thumbs-down to pair with as a positive-only row (chosen == "
+        "rejected, source 'thumbs_up'). It holds no preference, so DPO's term is zero on it, but the NLL term "
+        "(DPOJobConfig.sft_weight > 0) learns from it: what users approved is kept, not only what they "
+        "corrected. Such rows go to the training split only (never the gate's held-out pairs).", default=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -121,7 +126,7 @@ class DatasetBuild:
     completion_missing, unusable_completion, rating_neutral, unpaired_thumbs — and
     examples after: identical_sides, conversation_mismatch, template_kwargs_mismatch,
     thinking_without_reasoning, duplicate,
-    too_long, caller_cap); ``train``/``eval`` sizes; for KTO the train
+    too_long, caller_cap, positive_held_out); ``train``/``eval`` sizes; for KTO the train
     ``desirable``/``undesirable`` counts.
     """
 
@@ -236,6 +241,11 @@ def _canon(obj: Any) -> str:
 
 def _bucket(conversation_hash: str, salt: str) -> int:
     return int(hashlib.sha256(f"{salt}:{conversation_hash}".encode()).hexdigest()[:8], 16) % 100
+
+
+def is_positive(row: dict[str, Any]) -> bool:
+    """A DPO row with no preference in it (chosen == rejected): only an NLL term learns from it."""
+    return "chosen" in row and _canon(row["chosen"]) == _canon(row.get("rejected"))
 
 
 def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
@@ -376,7 +386,15 @@ class _Builder:
         for group in sorted(thumbs):
             ups, downs = thumbs[group][1], thumbs[group][-1]
             if not ups or not downs:
-                self.drop("unpaired_thumbs", len(ups) + len(downs))
+                if self.cfg.positives and ups:
+                    for up, p in ups:
+                        answer = _choice(up["completion"], 0)
+                        if answer is None:
+                            self.drop("unusable_completion")
+                        else:
+                            self.add([up], "thumbs_up", p, chosen=[answer], rejected=[answer])
+                else:
+                    self.drop("unpaired_thumbs", len(ups) + len(downs))
                 continue
             # Each down is paired with an up, in time order, reusing ups when there
             # are fewer: deterministic, and every negative signal is used.
@@ -444,8 +462,14 @@ class _Builder:
                     kept.append(e)
             exs = kept
         exs = self.cap(exs)
-        train = [e.row for e in exs if _bucket(e.row["conversation_hash"], cfg.split_salt) >= cfg.eval_percent]
-        eval_ = [e.row for e in exs if _bucket(e.row["conversation_hash"], cfg.split_salt) < cfg.eval_percent]
+        held = [_bucket(e.row["conversation_hash"], cfg.split_salt) < cfg.eval_percent for e in exs]
+        eval_ = [e.row for e, h in zip(exs, held) if h and not is_positive(e.row)]
+        # A positive-only row is no held-out pair: it trains, unless its conversation is held out.
+        held_convs = {r["conversation_hash"] for r in eval_}
+        train = [e.row for e, h in zip(exs, held)
+                 if not h or (is_positive(e.row) and e.row["conversation_hash"] not in held_convs)]
+        if len(exs) > len(train) + len(eval_):
+            self.drop("positive_held_out", len(exs) - len(train) - len(eval_))
         return train, eval_
 
     def cap(self, exs: list[_Ex]) -> list[_Ex]:

@@ -44,6 +44,8 @@ class DPOJobConfig(LoraJobConfig):
     # LoRA DPO on a few dozen pairs barely moves at 5e-5; 1e-3 with the NLL term below learned.
     learning_rate: float = _help("Peak AdamW learning rate (LoRA on a few dozen pairs wants ~1e-3).", 1e-3)
     per_device_train_batch_size: int = _help("Pairs per forward pass.", 2)
+    num_train_epochs: float = _help("Passes over the data (when max_steps <= 0). One pass over a few dozen "
+                                    "corrections moved nothing measurable; two did.", 2.0)
     loss_type: str = _help("DPO loss variant (trl.DPOConfig.loss_type); 'sigmoid' is the DPO paper's.",
                            "sigmoid", choices=list(DPO_LOSSES))
     label_smoothing: float = _help("Assumed probability that a preference label is flipped (cDPO/robust), "

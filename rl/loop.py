@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from rl.datasets import DatasetConfig, build_dataset
+from rl.dpo import DPOJobConfig
 from rl.gate import GateConfig, decide, load_regression_set, tool_validity
 from rl.job import read_events, start_job
 from rl.registry import AdapterRegistry
@@ -51,6 +52,9 @@ class LoopConfig:
         "help": "Leave out the feedback of API keys marked untrusted (`agentloop keys untrust ID`): stored, but "
                 "never in a training set nor in the gate's held-out pairs."})
     train: dict = field(default_factory=dict, metadata={"help": "Overrides of the DPO/KTO job config."})
+    positives: bool = field(default=True, metadata={
+        "help": "DPO: train on thumbs-up answers that have no thumbs-down to pair with, through the NLL term "
+                "(rl/datasets.py DatasetConfig.positives); only when the job's sft_weight is > 0."})
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "The promotion gate."})
     min_new_feedback: int = field(default=32, metadata={"help": "Scheduler: new feedback that triggers a run."})
     period_seconds: float = field(default=24 * 3600, metadata={
@@ -66,6 +70,12 @@ class LoopConfig:
         if self.min_train_examples < 1:
             raise ValueError("min_train_examples must be >= 1")
         self.exclude_callers = tuple(self.exclude_callers)
+
+    @property
+    def train_positives(self) -> bool:
+        """Whether the DPO training set gets positive-only rows: only a job with an NLL term learns from them."""
+        sft_weight = self.train.get("sft_weight", {f.name: f for f in fields(DPOJobConfig)}["sft_weight"].default)
+        return self.method == "dpo" and self.positives and float(sft_weight) > 0
 
     @classmethod
     def from_params(cls, params: dict | None, base: "LoopConfig | None" = None) -> "LoopConfig":
@@ -120,7 +130,8 @@ class Iteration:
         common = dict(eval_percent=cfg.eval_percent, max_caller_fraction=cfg.max_caller_fraction,
                       max_per_caller=cfg.max_per_caller,
                       exclude_callers=tuple(dict.fromkeys(cfg.exclude_callers + untrusted)))
-        build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(kind=cfg.method, **common))
+        build = await asyncio.to_thread(build_dataset, self.store,
+                                        DatasetConfig(kind=cfg.method, positives=cfg.train_positives, **common))
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
             build_dataset, self.store, DatasetConfig(kind="dpo", **common))
         files = build.to_jsonl(work / "data")

@@ -77,9 +77,10 @@ class SharedPrefixDPOTrainer(DPOTrainer):
             return self.model, lambda: use_adapter(unwrapped, adapter_name=name)
         return self.ref_model, contextlib.nullcontext
 
-    def _reference_logps(self, pairs, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_logps(self, pairs, inputs, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of `pairs`, which are the batch's pairs at indices `keep`."""
         if self.precompute_ref_logps:
-            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            return inputs["ref_chosen_logps"][keep], inputs["ref_rejected_logps"][keep]
         ref_model, ctx = self._reference_context()
         out = []
         for prompt, chosen, rejected in pairs:
@@ -98,15 +99,27 @@ class SharedPrefixDPOTrainer(DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)
         self.shared_batches += 1
         mode = "train" if self.model.training else "eval"
-        tok_c, tok_r, hit_c = [], [], []
+        tok_c, tok_r, hit_c, nll_c = [], [], [], []
         for prompt, chosen, rejected in pairs:
+            if torch.equal(chosen, rejected):
+                # A positive-only row (rl/datasets.py `positives`): no preference, so no DPO term
+                # and no reference; only the NLL term below learns from it.
+                lp, top1 = pair_logps(model, prompt, [chosen], prompt_gradient=self.prompt_gradient)
+                nll_c.append(lp[0])
+                hit_c.append(top1[0])
+                continue
             lp, top1 = pair_logps(model, prompt, [chosen, rejected], prompt_gradient=self.prompt_gradient)
             tok_c.append(lp[0])
             tok_r.append(lp[1])
             hit_c.append(top1[0])
+            nll_c.append(lp[0])
+        keep = [i for i, p in enumerate(pairs) if not torch.equal(p[1], p[2])]
+        preferred = [pairs[i] for i in keep]
+        if not preferred:
+            return self._positive_only_loss(nll_c, hit_c, inputs, mode)
         chosen_logps = torch.stack([t.sum() for t in tok_c])
         rejected_logps = torch.stack([t.sum() for t in tok_r])
-        ref_chosen, ref_rejected = self._reference_logps(pairs, inputs)
+        ref_chosen, ref_rejected = self._reference_logps(preferred, inputs, keep)
         chosen_logratios = chosen_logps - ref_chosen
         rejected_logratios = rejected_logps - ref_rejected
         delta = chosen_logratios - rejected_logratios
@@ -121,15 +134,11 @@ class SharedPrefixDPOTrainer(DPOTrainer):
                 n_c = torch.tensor([max(len(t), 1) for t in tok_c], device=delta.device)
                 n_r = torch.tensor([max(len(t), 1) for t in tok_r], device=delta.device)
                 per_seq = ((chosen_logratios / n_c - rejected_logratios / n_r) - 1 / (2 * self.beta)) ** 2
-            else:  # "sft": mean NLL over every chosen token of the batch
-                per_seq = -torch.cat(tok_c).mean().expand(len(pairs))
+            else:  # "sft": mean NLL over every chosen token of the batch (positive-only rows too)
+                per_seq = -torch.cat(nll_c).mean().expand(len(preferred))
             loss = loss + per_seq.mean() * weight
 
-        if mode == "train":
-            self._total_train_tokens += int(inputs["attention_mask"].sum())
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        hits = torch.cat(hit_c)
-        self._metrics[mode]["mean_token_accuracy"].append(float(hits.float().mean()) if len(hits) else 0.0)
+        self._count_tokens(inputs, hit_c, mode)
         chosen_rewards = self.beta * chosen_logratios.detach()
         rejected_rewards = self.beta * rejected_logratios.detach()
         self._metrics[mode]["rewards/chosen"].append(chosen_rewards.mean().item())
@@ -138,4 +147,22 @@ class SharedPrefixDPOTrainer(DPOTrainer):
         self._metrics[mode]["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
         self._metrics[mode]["logps/chosen"].append(chosen_logps.detach().mean().item())
         self._metrics[mode]["logps/rejected"].append(rejected_logps.detach().mean().item())
+        return loss
+
+    def _count_tokens(self, inputs, hit_c, mode) -> None:
+        if mode == "train":
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        hits = torch.cat(hit_c)
+        self._metrics[mode]["mean_token_accuracy"].append(float(hits.float().mean()) if len(hits) else 0.0)
+
+    def _positive_only_loss(self, nll_c, hit_c, inputs, mode):
+        """A batch of positive-only rows: the NLL term alone (zero without one: nothing to learn)."""
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sft":
+                loss = loss - torch.cat(nll_c).mean() * weight
+        if not torch.is_tensor(loss):  # no NLL term: a graph-connected zero keeps backward() valid
+            loss = torch.cat(nll_c).sum() * 0.0
+        self._count_tokens(inputs, hit_c, mode)
         return loss

@@ -176,3 +176,29 @@ def test_ground_truth_passes_its_own_check(category):
         if not check_calls(c, calls)[0]:
             failed.add(c["id"])
     assert failed <= KNOWN_QUIRKS, failed - KNOWN_QUIRKS
+
+
+def test_learning_bench_corrections_fix_only_what_is_wrong():
+    """bench/bfcl_learning.py's simulated user: a full correction writes every parameter's first
+    allowed value; a minimal one keeps what the model got right and drops nothing it rightly
+    left out. Both pass the checker."""
+    import json
+
+    from bench.bfcl_learning import ground_truth_call
+
+    case = {"id": "t", "function": [DOC], "ground_truth": [{"geo.area": TRUTH}]}
+
+    def args(call):
+        assert call["function"]["name"] == "geo_area"
+        return json.loads(call["function"]["arguments"])
+
+    full = args(ground_truth_call(case))
+    assert full == {"base": 10, "height": 5.0, "unit": "units", "flags": ["a", "b"], "exact": True,
+                    "box": {"w": [2], "h": [3, ""]}, "pair": [1, 2], "extra": 7}
+    mine = {"base": 12, "height": 5.5, "unit": "Units ", "flags": ["x"]}  # base and flags wrong
+    minimal = args(ground_truth_call(case, ("geo_area", mine)))
+    assert minimal == {"base": 10, "height": 5.5, "unit": "Units ", "flags": ["a", "b"]}
+    assert check_call(DOC, "geo_area", minimal, TRUTH) == (True, "")
+    # Another function, or arguments that are no object: the full correction.
+    assert args(ground_truth_call(case, ("other", mine))) == full
+    assert args(ground_truth_call(case, ("geo_area", "oops"))) == full

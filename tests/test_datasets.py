@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rl.datasets import (
-    DatasetBuild, DatasetConfig, build_dataset, char_length, kto_weights, template_kwargs,
+    DatasetBuild, DatasetConfig, build_dataset, char_length, is_positive, kto_weights, template_kwargs,
 )
 from serve import chat
 from serve.store import Store
@@ -129,6 +129,38 @@ def test_dpo_pairs_from_each_source(world):
     assert all(r["chosen"][0]["content"] == "funny" for r in src["thumbs"])
     assert out.dataset_ids == sorted([pw["id"], pw_idx["id"], corr["id"], t_up["id"], t_d1["id"], t_d2["id"]])
     assert build(world, sources=["correction"]).stats["by_source"] == {"correction": 1}
+
+
+def test_dpo_positives_keep_unpaired_thumbs_up_for_training_only(world):
+    """positives=True: a thumbs-up with no down to pair becomes a chosen == rejected row (an NLL-only
+    example); a down without an up stays dropped; no such row is ever a held-out pair, and a
+    conversation never lands on both sides."""
+    lone_up = world.thumbs(world.completion("alone", prompt="lonely"), 1)
+    world.thumbs(world.completion("sad", prompt="grim"), -1)
+    u, d = world.completion("funny", prompt="joke"), world.completion("meh", prompt="joke")
+    world.thumbs(u, 1), world.thumbs(d, -1)
+    out = build(world, positives=True)
+    src = by_source(out.train)
+    (pos,) = src["thumbs_up"]
+    assert pos["chosen"] == pos["rejected"] == [{"role": "assistant", "content": "alone"}]
+    assert pos["feedback_ids"] == [lone_up["id"]] and is_positive(pos)
+    assert len(src["thumbs"]) == 1 and not is_positive(src["thumbs"][0])
+    assert out.stats["dropped"] == {"unpaired_thumbs": 1}
+    assert build(world).stats["dropped"] == {"unpaired_thumbs": 2}  # off by default
+
+    for i in range(120):  # held-out buckets: positives train unless their conversation is held out
+        world.thumbs(world.completion(f"fine {i}", prompt=f"p{i}"), 1)
+        if i % 2:
+            c = world.completion(f"wrong {i}", prompt=f"p{i}")
+            world.feedback("correction", c, correction={"role": "assistant", "content": f"right {i}"})
+    out = build(world, positives=True, eval_percent=30)
+    assert out.eval and not any(is_positive(r) for r in out.eval)
+    held = {r["conversation_hash"] for r in out.eval}
+    assert not held & {r["conversation_hash"] for r in out.train}
+    n_pos = sum(is_positive(r) for r in out.train)
+    held_corrections = sum(r["source"] == "correction" for r in out.eval)  # each one's conversation has a positive
+    assert held_corrections and out.stats["dropped"]["positive_held_out"] == held_corrections
+    assert n_pos + held_corrections == 121
 
 
 def test_dpo_skips_pairs_without_signal_or_completions(world):

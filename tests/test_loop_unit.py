@@ -20,6 +20,13 @@ def test_loop_config_checks():
             LoopConfig.from_params(bad)
 
 
+def test_positive_rows_only_where_an_nll_term_learns_from_them():
+    assert LoopConfig().train_positives  # DPO with DPOJobConfig's default sft_weight (> 0)
+    assert not LoopConfig.from_params({"train": {"sft_weight": 0}}).train_positives
+    assert not LoopConfig.from_params({"positives": False}).train_positives
+    assert not LoopConfig.from_params({"method": "kto"}).train_positives
+
+
 def test_gate_decision():
     cfg = GateConfig(min_accuracy_gain=0.1, min_eval_pairs=2)
     pref = {"candidate": {"accuracy": 0.8, "n": 5}, "live": {"accuracy": 0.5, "n": 5}}

@@ -182,6 +182,23 @@ def test_dpo_continues_from_the_zero_adapter(tiny_model, registry, tmp_path):
     assert registry.get(m.version).parent == "v0000"
 
 
+def test_bf16_base_weights_on_cpu_train_an_fp32_lora(tiny_model, registry, tmp_path):
+    """cpu_base_weights='bf16': the frozen base is loaded in bf16 (autocast skips re-casting it in
+    every forward), the LoRA still trains and is saved in fp32, and the reference is still the
+    starting adapter (zero rewards at step 1)."""
+    out = tmp_path / "adapter"
+    cfg = DPOJobConfig(base_model=str(tiny_model), output_dir=str(out), init_adapter=str(registry.path("v0000")),
+                       max_steps=3, learning_rate=2e-3, precision="bf16", cpu_base_weights="bf16",
+                       **SHORT)
+    result = train_dpo(cfg, STYLE_ROWS)
+    after = lora_tensors(out)
+    assert result.precision == "bf16" and result.changed_tensors > 0
+    assert all(t.dtype == torch.float32 for t in after.values())
+    assert any(torch.count_nonzero(after[k]) > 0 for k in after if "lora_B" in k)
+    first = result.history[0]["metrics"]
+    assert abs(first["rewards/margins"]) < 1e-4, first
+
+
 def test_continued_dpo_uses_the_starting_adapter_as_reference(fresh_dpo, tiny_model, tok, tmp_path):
     """Continuing a trained (non-zero) adapter: if the reference were the bare base, step 1 would
     already show rewards = beta * (log pi_adapter - log pi_base) != 0. It must be exactly 0."""
@@ -295,6 +312,7 @@ def test_bad_rows_are_refused(row, kind, message):
     (DPOJobConfig, {"sft_weight": -1}, "sft_weight"),
     (KTOJobConfig, {"desirable_weight": 0}, "must be > 0"),
     (DPOJobConfig, {"device": "cpu", "load_in_4bit": True}, "load_in_4bit needs CUDA"),
+    (DPOJobConfig, {"cpu_base_weights": "int8"}, "cpu_base_weights"),
 ])
 def test_configs_are_checked(cls, kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -36,7 +36,7 @@ PREFIX_ROWS = [
 ]
 
 
-def make_trainer(tiny_model, tmp_path, loss_type, max_length=320, continued=False):
+def make_trainer(tiny_model, tmp_path, loss_type, max_length=320, continued=False, rows=None):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
@@ -57,7 +57,7 @@ def make_trainer(tiny_model, tmp_path, loss_type, max_length=320, continued=Fals
     args = DPOConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False,
                      per_device_train_batch_size=2, max_length=max_length, loss_type=loss_type,
                      loss_weights=weights, beta=0.2, disable_tqdm=True, gradient_checkpointing=False)
-    ds = build_dataset(STYLE_ROWS[:2] + TOOL_ROWS + PREFIX_ROWS, "dpo", TEMPLATE)
+    ds = build_dataset(rows or (STYLE_ROWS[:2] + TOOL_ROWS + PREFIX_ROWS), "dpo", TEMPLATE)
     trainer = SharedPrefixDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                      peft_config=peft_config)
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -135,3 +135,44 @@ def test_prompt_gradient_off_needs_the_shared_prompt(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="share_prompt"):
         DPOJobConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "o"), share_prompt=False,
                      prompt_gradient=False)
+
+
+def test_positive_only_rows_train_through_the_nll_term_alone(tiny_model, tmp_path):
+    """A chosen == rejected row (rl/datasets.py `positives`) adds its answer to the NLL term and
+    nothing else: loss and gradients equal TRL's DPO term on the real pair alone plus TRL's NLL
+    term over both rows; a batch of positives alone trains by the NLL term only."""
+    from trl import DPOTrainer
+
+    positive = dict(TOOL_ROWS[0], rejected=TOOL_ROWS[0]["chosen"])
+    trainer, policy = make_trainer(tiny_model, tmp_path, ["sigmoid", "sft"], rows=[PREFIX_ROWS[0], positive])
+    pair_row, pos_row = trainer.train_dataset[0], trainer.train_dataset[1]
+    mixed, pair_only = trainer.data_collator([pair_row, pos_row]), trainer.data_collator([pair_row])
+
+    def trl(loss_types, weights, batch):
+        trainer.loss_types, trainer.loss_weights = loss_types, weights
+        try:
+            return loss_and_grads(DPOTrainer._compute_loss, trainer, policy, batch)[:2]
+        finally:
+            trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.5]
+
+    dpo_loss, dpo_grads = trl(["sigmoid"], [1.0], pair_only)
+    nll_loss, nll_grads = trl(["sft"], [0.5], mixed)
+    loss, grads, metrics = loss_and_grads(SharedPrefixDPOTrainer._compute_loss, trainer, policy, mixed)
+    assert loss == pytest.approx(dpo_loss + nll_loss, rel=1e-4, abs=1e-5)
+    for n in grads:
+        want = dpo_grads[n] + nll_grads[n]
+        err = float((grads[n] - want).norm() / want.norm().clamp_min(1e-12))
+        assert err < 2e-3, f"{n}: relative gradient error {err:.2e}"
+    assert metrics["rewards/accuracies"] in (0.0, 1.0)  # one real pair: the positive is not counted
+    assert len(trainer._ref_cache) == 1  # no reference forward for the positive
+
+    only_pos = trainer.data_collator([pos_row])
+    nll_pos, nll_pos_grads = trl(["sft"], [0.5], only_pos)
+    for prompt_gradient in (True, False):  # without it, the answer still trains through its own tokens
+        trainer.prompt_gradient = prompt_gradient
+        loss, grads, _ = loss_and_grads(SharedPrefixDPOTrainer._compute_loss, trainer, policy, only_pos)
+        assert loss == pytest.approx(nll_pos, rel=1e-4, abs=1e-5)
+        assert any(float(g.abs().max()) > 0 for g in grads.values())
+    trainer.loss_types, trainer.loss_weights = ["sigmoid"], [1.0]  # no NLL term: nothing to learn
+    loss, grads, _ = loss_and_grads(SharedPrefixDPOTrainer._compute_loss, trainer, policy, only_pos)
+    assert loss == 0.0 and all(float(g.abs().max()) == 0 for g in grads.values())
