@@ -257,7 +257,7 @@ class Chatbot:
         self.max_tool_rounds = max_tool_rounds
         # The SDK's own retries are off: tenacity below is the one retry policy.
         self.client = client or openai.OpenAI(base_url=api_base(url), api_key=api_key, max_retries=0,
-                                              timeout=httpx.Timeout(request_timeout, connect=5.0))
+                                              timeout=openai.Timeout(request_timeout, connect=5.0))
         self.history: list[dict[str, Any]] = []
         self.last: Reply | None = None
         self.pending: str | None = None   # a user message whose turn failed
