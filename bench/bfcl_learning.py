@@ -47,7 +47,8 @@ def ground_truth_call(case: dict, answer: tuple[str, object] | None = None) -> d
     allowed value is "" is left out). With `answer`, the model's (name, arguments) for the same
     function, the correction is minimal, as a careful user writes it: a value the checker
     accepts stays as the model wrote it, an optional parameter the model rightly left out
-    stays out, and only wrong, missing or extra parameters change."""
+    stays out, an optional one it got wrong is dropped (not replaced by an unstated default),
+    and only wrong, missing or extra parameters change."""
     (name, params), = case["ground_truth"][0].items()
     doc = next((f for f in case["function"] if openai_name(f["name"]) == openai_name(name)), None)
     props = ((doc or {}).get("parameters") or {}).get("properties") or {}
@@ -61,8 +62,8 @@ def ground_truth_call(case: dict, answer: tuple[str, object] | None = None) -> d
                     and any(_same(mine[key], v) for v in values):
                 args[key] = mine[key]
                 continue
-            if key not in mine and "" in allowed:
-                continue
+            if "" in allowed:
+                continue  # optional and left out, or given a wrong value: the careful fix drops it
         if values:
             args[key] = values[0]
     return {"id": "call_0", "type": "function", "function": {"name": openai_name(name), "arguments": json.dumps(args)}}
@@ -158,7 +159,8 @@ def main() -> None:
 
     cases = load_category(args.data, "simple")
     random.Random(args.seed).shuffle(cases)
-    train, held = cases[: args.train], cases[args.train: args.train + args.held_out]
+    # Held-out first: the same held-out questions whatever the training split's size.
+    held, train = cases[: args.held_out], cases[args.held_out: args.held_out + args.train]
     params = {"method": "dpo", "eval_percent": args.eval_percent, "min_train_examples": 4,
               "train": {**{k: v for k, v in (("learning_rate", args.learning_rate),
                                                ("num_train_epochs", args.epochs),
@@ -167,6 +169,7 @@ def main() -> None:
                         "max_length": args.max_length, **args.job},
               "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
+    print(f"home {home} (kept: bench.learning_variants trains other settings on its feedback)", flush=True)
     proc, url = start_agentloop(home, ensure_default_model())
     try:
         before_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
