@@ -10,9 +10,12 @@ the model rightly left out stay out. `--full-corrections` restores the earlier u
 whole ground-truth call (each parameter's first allowed value, including unstated defaults). Then one loop iteration (`POST /admin/train`: dataset, DPO job, gate, promotion) and the
 held-out accuracy again on the new live version. Prints both accuracies, the gain in points,
 the gate's numbers and the wall time of the iteration (train call to promoted/rejected).
+`--iterations K` runs K such rounds in a row, each on `--train` new questions asked of the
+version then live (as new users would), with the held-out accuracy after each; `--loop` passes
+loop settings such as `{"train_on": "new"}`.
 
-Invariant: the training and held-out cases never overlap (one seeded shuffle, then two
-disjoint slices); every server this starts is stopped, also on error or Ctrl-C.
+Invariant: the training and held-out cases never overlap (one seeded shuffle, then
+disjoint slices: held out first, then one training slice per iteration); every server this starts is stopped, also on error or Ctrl-C.
 
     .venv/bin/python -m bench.bfcl_learning --train 64 --held-out 50
 """
@@ -147,6 +150,10 @@ def main() -> None:
     p.add_argument("--eval-percent", type=int, default=20, help="share of the pairs the gate holds out")
     p.add_argument("--job", type=json.loads, default={},
                    help='more DPO job settings as JSON, e.g. \'{"prompt_gradient": false}\' (rl/dpo.py DPOJobConfig)')
+    p.add_argument("--iterations", type=int, default=1,
+                   help="loop iterations in a row, each on --train new questions (held out scored after each)")
+    p.add_argument("--loop", type=json.loads, default={},
+                   help="more loop settings as JSON (rl/loop.py LoopConfig), e.g. '{\"positives\": false}'")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--full-corrections", action="store_true",
                    help="correct with the whole ground-truth call (every parameter's first allowed value) "
@@ -159,52 +166,72 @@ def main() -> None:
 
     cases = load_category(args.data, "simple")
     random.Random(args.seed).shuffle(cases)
-    # Held-out first: the same held-out questions whatever the training split's size.
-    held, train = cases[: args.held_out], cases[args.held_out: args.held_out + args.train]
+    # Held-out first: the same held-out questions whatever the training split's size. Each
+    # iteration then teaches the next `--train` questions (new users' questions, never re-asked).
+    held = cases[: args.held_out]
+    slices = [cases[args.held_out + i * args.train: args.held_out + (i + 1) * args.train]
+              for i in range(args.iterations)]
+    if any(len(s) < args.train for s in slices):
+        raise SystemExit(f"{len(cases)} questions: not enough for {args.held_out} held out and "
+                         f"{args.iterations} x {args.train} training questions")
     params = {"method": "dpo", "eval_percent": args.eval_percent, "min_train_examples": 4,
               "train": {**{k: v for k, v in (("learning_rate", args.learning_rate),
                                                ("num_train_epochs", args.epochs),
                                                ("per_device_train_batch_size", args.batch_size),
                                                ("sft_weight", args.sft_weight)) if v is not None},
                         "max_length": args.max_length, **args.job},
-              "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}}
+              "gate": {"min_accuracy_gain": 0.1, "min_eval_pairs": 2}, **args.loop}
     home = Path(tempfile.mkdtemp(prefix="agentloop-bfcl-learn-"))
     print(f"home {home} (kept: bench.learning_variants trains other settings on its feedback)", flush=True)
     proc, url = start_agentloop(home, ensure_default_model())
+    iterations: list[dict] = []
     try:
         before_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
         before = accuracy(before_rows)
         print(f"before: AST accuracy {before[0]}/{before[1]}", flush=True)
-        t0 = time.perf_counter()
-        taught: list[dict] = []
-        counts = _run(teach(url, train, args.max_tokens, args.concurrency, taught,
+        for i, train in enumerate(slices, 1):
+            t0 = time.perf_counter()
+            taught: list[dict] = []
+            counts = _run(teach(url, train, args.max_tokens, args.concurrency, taught,
                                 args_minimal=not args.full_corrections))
-        teach_s = time.perf_counter() - t0
-        print(f"feedback: {counts} in {teach_s:.0f} s", flush=True)
-        run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
-        print(f"iteration: {run['status']} in {wall:.0f} s ({run.get('reason')})", flush=True)
-        print(f"  dataset {run.get('dataset')}", flush=True)
-        print(f"  gate {json.dumps(run.get('gate'))}", flush=True)
-        result = run.get("result") or {}
-        print(f"  job: {result.get('steps')} steps, {result.get('train_seconds')} s training "
-              f"({result.get('seconds_per_step')} s/step), {result.get('seconds')} s in the job; "
-              f"phases {json.dumps(result.get('phase_seconds'))}", flush=True)
-        after_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
-        after = accuracy(after_rows)
+            print(f"iteration {i}: feedback {counts} in {time.perf_counter() - t0:.0f} s", flush=True)
+            run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
+            print(f"iteration {i}: {run['status']} in {wall:.0f} s ({run.get('reason')})", flush=True)
+            print(f"  dataset {run.get('dataset')}", flush=True)
+            print(f"  gate {json.dumps(run.get('gate'))}", flush=True)
+            result = run.get("result") or {}
+            print(f"  job: {result.get('steps')} steps, {result.get('train_seconds')} s training "
+                  f"({result.get('seconds_per_step')} s/step), {result.get('seconds')} s in the job; "
+                  f"phases {json.dumps(result.get('phase_seconds'))}", flush=True)
+            after_rows = _run(run_side(url, "agentloop", held, ["required"], args.max_tokens, args.concurrency))
+            after = accuracy(after_rows)
+            print(f"iteration {i}: held out {after[0]}/{after[1]}", flush=True)
+            iterations.append({"counts": counts, "taught": taught, "run": run, "wall": wall,
+                               "after_rows": after_rows, "after": after})
     finally:
         stop_gateway(proc)
     if args.dump:
-        args.dump.write_text(json.dumps({"before": before_rows, "taught": taught, "after": after_rows,
-                                         "run": run}, indent=1, default=str))
+        last = iterations[-1] if iterations else {}
+        args.dump.write_text(json.dumps({"before": before_rows, "taught": [t for it in iterations for t in it["taught"]],
+                                         "after": last.get("after_rows"), "run": last.get("run"),
+                                         "iterations": [{k: v for k, v in it.items() if k != "taught"}
+                                                        for it in iterations]},
+                                        indent=1, default=str))
+    print(f"\nheld out {len(held)}; {args.train} new training questions per iteration; eval_percent "
+          f"{args.eval_percent}; job settings (the rest are DPOJobConfig's defaults) {json.dumps(params['train'])}"
+          + (f"; loop {json.dumps(args.loop)}" if args.loop else ""))
+    prev = before
+    for i, it in enumerate(iterations, 1):
+        c, after, run = it["counts"], it["after"], it["run"]
+        print(f"iteration {i}: feedback {c['corrections']} corrections, {c['thumbs_up']} thumbs up; "
+              f"{run['status']} {run.get('version') or ''} in {it['wall']:.0f} s wall (dataset, DPO job, gate, "
+              f"promotion); held out {prev[0]}/{prev[1]} -> {after[0]}/{after[1]}")
+        prev = after
+    after = prev
     gain = 100 * (after[0] / after[1] - before[0] / before[1])
-    print(f"\ntrain {len(train)} questions ({counts['corrections']} corrections, {counts['thumbs_up']} thumbs up), "
-          f"held out {len(held)}; eval_percent {args.eval_percent}; job settings (the rest are "
-          f"DPOJobConfig's defaults) {json.dumps(params['train'])}")
     print(f"AST accuracy (tool_choice=required), held out: before {before[0]}/{before[1]} "
-          f"({100*before[0]/before[1]:.1f}%), after {after[0]}/{after[1]} ({100*after[0]/after[1]:.1f}%), "
-          f"gain {gain:+.1f} points")
-    print(f"loop iteration ({run['status']}): {wall:.0f} s wall (dataset, DPO job, gate, promotion)")
-
+          f"({100*before[0]/before[1]:.1f}%), after {len(iterations)} iteration(s) {after[0]}/{after[1]} "
+          f"({100*after[0]/after[1]:.1f}%), gain {gain:+.1f} points")
 
 if __name__ == "__main__":
     main()

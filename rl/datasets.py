@@ -78,6 +78,10 @@ class DatasetConfig:
     rating_undesirable_max: int = _help("KTO: ratings <= this are undesirable; those between are dropped.",
                                         default=2)
     dedupe: bool = _help("Drop examples identical (same TRL columns) to an earlier one.", default=True)
+    trained_feedback_ids: tuple[str, ...] = _help(
+        "Feedback the starting adapter has already been trained on (the loop passes the live version's "
+        "lineage when it trains on new feedback only): a training example made only from these is dropped "
+        "('already_trained'). Held-out examples stay: the gate still scores them.", default=())
     positives: bool = _help(
         "DPO: keep a thumbs-up answer that has no thumbs-down to pair with as a positive-only row (chosen == "
         "rejected, source 'thumbs_up'). It holds no preference, so DPO's term is zero on it, but the NLL term "
@@ -96,6 +100,9 @@ class DatasetConfig:
         if isinstance(self.exclude_callers, str):
             raise ValueError("exclude_callers must be a sequence of caller ids, not one string")
         self.exclude_callers = tuple(self.exclude_callers)
+        if isinstance(self.trained_feedback_ids, str):
+            raise ValueError("trained_feedback_ids must be a sequence of feedback ids, not one string")
+        self.trained_feedback_ids = tuple(self.trained_feedback_ids)
         if self.sources is not None:
             bad = set(self.sources) - set(SOURCES[self.kind])
             if bad or not self.sources:
@@ -126,7 +133,7 @@ class DatasetBuild:
     completion_missing, unusable_completion, rating_neutral, unpaired_thumbs — and
     examples after: identical_sides, conversation_mismatch, template_kwargs_mismatch,
     thinking_without_reasoning, duplicate,
-    too_long, caller_cap, positive_held_out); ``train``/``eval`` sizes; for KTO the train
+    too_long, caller_cap, positive_held_out, already_trained); ``train``/``eval`` sizes; for KTO the train
     ``desirable``/``undesirable`` counts.
     """
 
@@ -470,6 +477,12 @@ class _Builder:
                  if not h or (is_positive(e.row) and e.row["conversation_hash"] not in held_convs)]
         if len(exs) > len(train) + len(eval_):
             self.drop("positive_held_out", len(exs) - len(train) - len(eval_))
+        if cfg.trained_feedback_ids:
+            # After the split, so the split (and the gate's held-out pairs) do not depend on it.
+            done = set(cfg.trained_feedback_ids)
+            fresh = [r for r in train if not set(r["feedback_ids"]) <= done]
+            self.drop("already_trained", len(train) - len(fresh))
+            train = fresh
         return train, eval_
 
     def cap(self, exs: list[_Ex]) -> list[_Ex]:

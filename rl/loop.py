@@ -32,7 +32,7 @@ from rl.datasets import DatasetConfig, build_dataset
 from rl.dpo import DPOJobConfig
 from rl.gate import GateConfig, decide, load_regression_set, tool_validity
 from rl.job import read_events, start_job
-from rl.registry import AdapterRegistry
+from rl.registry import AdapterRegistry, VersionNotFound
 
 log = logging.getLogger("agentloop.loop")
 
@@ -52,6 +52,12 @@ class LoopConfig:
         "help": "Leave out the feedback of API keys marked untrusted (`agentloop keys untrust ID`): stored, but "
                 "never in a training set nor in the gate's held-out pairs."})
     train: dict = field(default_factory=dict, metadata={"help": "Overrides of the DPO/KTO job config."})
+    train_on: str = field(default="new", metadata={
+        "help": "'new': only feedback the live version's lineage (it and its parents) was not trained on "
+                "(manifests' dataset_ids), so each piece of feedback is trained on once and an iteration costs "
+                "what its new feedback costs; 'all': every usable feedback, each run (the continued adapter sees "
+                "old feedback again, one more pass per run; measured to drift down over 3 iterations, "
+                "docs/benchmarks.md). The gate's held-out pairs always come from all feedback."})
     positives: bool = field(default=True, metadata={
         "help": "DPO: train on thumbs-up answers that have no thumbs-down to pair with, through the NLL term "
                 "(rl/datasets.py DatasetConfig.positives); only when the job's sft_weight is > 0."})
@@ -65,6 +71,8 @@ class LoopConfig:
             self.gate = GateConfig(**self.gate)
         if self.method not in ("dpo", "kto"):
             raise ValueError("method must be 'dpo' or 'kto'")
+        if self.train_on not in ("all", "new"):
+            raise ValueError("train_on must be 'all' or 'new'")
         if not 0 <= self.eval_percent <= 100:
             raise ValueError("eval_percent must be in [0, 100]")
         if self.min_train_examples < 1:
@@ -130,8 +138,15 @@ class Iteration:
         common = dict(eval_percent=cfg.eval_percent, max_caller_fraction=cfg.max_caller_fraction,
                       max_per_caller=cfg.max_per_caller,
                       exclude_callers=tuple(dict.fromkeys(cfg.exclude_callers + untrusted)))
-        build = await asyncio.to_thread(build_dataset, self.store,
-                                        DatasetConfig(kind=cfg.method, positives=cfg.train_positives, **common))
+        live = self.hooks.live_version()
+        trained: tuple[str, ...] = ()
+        if cfg.train_on == "new":
+            try:
+                trained = tuple(self.registry.trained_feedback_ids(live))
+            except VersionNotFound:
+                pass  # no manifest, nothing known to be trained; the job refuses a missing parent itself
+        build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(
+            kind=cfg.method, positives=cfg.train_positives, trained_feedback_ids=trained, **common))
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
             build_dataset, self.store, DatasetConfig(kind="dpo", **common))
         files = build.to_jsonl(work / "data")
@@ -144,10 +159,10 @@ class Iteration:
         phases["dataset"] = round(time.monotonic() - t, 3)
         if len(build.train) < cfg.min_train_examples:
             return self.store.update_run(run_id, status="failed", reason=(
-                f"not enough training data: {len(build.train)} examples (< {cfg.min_train_examples})"))
+                f"not enough {'new ' if trained else ''}training data: {len(build.train)} examples "
+                f"(< {cfg.min_train_examples})"))
 
         # 2. Training, in its own process; the candidate lands in the registry only on success.
-        live = self.hooks.live_version()
         # The job also scores the gate's held-out pairs, under the live adapter and the candidate,
         # while it has the model loaded (a separate scoring process cost a start and a load).
         gate_spec = {"rows": str(gate_files["eval"]), "live": self._gate_adapter_path(live)}

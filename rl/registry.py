@@ -457,6 +457,17 @@ class AdapterRegistry:
                 out.append(self.get(n))
         return out
 
+    def trained_feedback_ids(self, version: str | int) -> list[str]:
+        """Every feedback id that went into `version` and its ancestors (parent links, oldest last)."""
+        ids: set[str] = set()
+        seen: set[str] = set()
+        m: Manifest | None = self.get(version)
+        while m is not None and m.version not in seen:  # a cycle cannot happen, but must not hang
+            seen.add(m.version)
+            ids.update(str(i) for i in m.dataset_ids)
+            m = self.get(m.parent) if m.parent else None
+        return sorted(ids)
+
     def live(self) -> Manifest | None:
         lives = [m for m in self.list() if m.status == "live"]
         return max(lives, key=lambda m: (m.promoted_at(), m.number)) if lives else None

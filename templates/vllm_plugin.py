@@ -52,10 +52,11 @@ content at all: a cut forced call is finish_reason "length", no tool_calls.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import json
 import os
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,12 @@ from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 try:
     from templates import parsing
 except ImportError:  # loaded by file path (--tool-parser-plugin) without the package on sys.path
-    _spec = importlib.util.spec_from_file_location(
-        "agentloop_templates_parsing", Path(__file__).with_name("parsing.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    parsing = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = parsing
-    _spec.loader.exec_module(parsing)
+    # A stand-in package over this folder, so parsing.py's relative import of reasoning.py
+    # works; its __init__ (the template registry) is not run.
+    _pkg = types.ModuleType("agentloop_templates")
+    _pkg.__path__ = [str(Path(__file__).parent)]
+    sys.modules.setdefault("agentloop_templates", _pkg)
+    parsing = importlib.import_module("agentloop_templates.parsing")
 
 logger = init_logger(__name__)
 

@@ -357,6 +357,31 @@ def test_excluded_callers_versions_and_since(world):
     assert build(world, kind="kto", since=late["created_at"]).dataset_ids == [late["id"]]
 
 
+
+def test_already_trained_feedback_leaves_training_but_not_the_held_out_pairs(world):
+    """trained_feedback_ids (the loop's train_on='new'): a training example made only from
+    feedback the starting adapter was trained on is dropped; the split does not move, and the
+    held-out pairs keep such feedback (the gate scores every version on all of it)."""
+    for i in range(60):
+        c = world.completion(f"wrong {i}", prompt=f"q{i}")
+        world.feedback("correction", c, correction={"role": "assistant", "content": f"right {i}"})
+    first = build(world, eval_percent=20)
+    later = set()
+    for i in range(60, 80):
+        c = world.completion(f"wrong {i}", prompt=f"q{i}")
+        later.add(world.feedback("correction", c, correction={"role": "assistant", "content": f"right {i}"})["id"])
+    full = build(world, eval_percent=20)
+    new = build(world, eval_percent=20, trained_feedback_ids=first.dataset_ids)
+    assert new.eval == full.eval  # the gate's pairs: all of them, old ones included
+    trained = {i for r in first.train for i in r["feedback_ids"]}
+    assert trained and not trained & {i for r in new.train for i in r["feedback_ids"]}
+    assert new.train == [r for r in full.train if not set(r["feedback_ids"]) <= set(first.dataset_ids)]
+    assert 0 < len(new.train) < len(full.train)
+    assert new.stats["dropped"]["already_trained"] == len(full.train) - len(new.train) == len(first.train)
+    assert {i for r in new.train for i in r["feedback_ids"]} <= later
+    with pytest.raises(ValueError):
+        DatasetConfig(trained_feedback_ids="fb-0001")
+
 # ---------------------------------------------------------------- output
 
 def _mixed_world(world) -> None:

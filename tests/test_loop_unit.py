@@ -73,3 +73,57 @@ def test_scheduler_due_rule(tmp_path):
     assert run_due(store, cfg, now=first + 10) == (False, 0)      # one run at a time
     store.update_run(run["id"], status="rejected")
     assert run_due(store, cfg)[1] == 0                            # counted from the last run's start
+
+
+def test_train_on_new_leaves_out_what_the_live_lineage_was_trained_on(tmp_path):
+    """LoopConfig.train_on: 'all' trains on every usable feedback again, 'new' only on feedback
+    the live version and its ancestors were not trained on; the gate's held-out pairs are the
+    same either way. (min_train_examples is set out of reach: the run stops before training,
+    after writing its dataset, so no model is needed.)"""
+    import asyncio
+    import json
+
+    from rl.loop import Iteration
+    from rl.registry import AdapterRegistry
+    from serve.zero_adapter import write_zero_adapter
+    from tests.test_datasets import World
+    from tests.test_poisoning import Hooks
+    from tests.test_rl_registry import BASE_CONFIG, adapter
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(BASE_CONFIG))
+    reg = AdapterRegistry(tmp_path / "adapters")
+    write_zero_adapter(base, reg.root / "v0000")
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    world = World(store)
+    ids = []
+    for i in range(50):
+        c = world.completion(f"wrong {i}", prompt=f"q{i}")
+        ids.append(world.feedback("correction", c, correction={"role": "assistant", "content": f"right {i}"})["id"])
+    reg.commit(adapter(base, tmp_path / "a1"), parent="v0000", base_model=str(base), dataset_ids=ids[:35])
+    hooks = Hooks()
+    hooks.live = "v0001"
+
+    def rows(run_id: str, split: str) -> list[dict]:
+        path = tmp_path / "runs" / run_id / "data" / f"{split}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    out = {}
+    for train_on in ("all", "new"):
+        run = store.create_run(method="dpo", trigger="admin", params={})
+        cfg = LoopConfig.from_params({"train_on": train_on, "min_train_examples": 1000})
+        it = Iteration(store, reg, base_model=str(base), template="chatml-tools", hooks=hooks, config=cfg,
+                       work_dir=tmp_path / "runs")
+        done = asyncio.run(it.run(run))
+        assert done["status"] == "failed" and "not enough" in done["reason"], done
+        assert ("new training data" in done["reason"]) == (train_on == "new")
+        out[train_on] = {s: [r["feedback_ids"][0] for r in rows(run["id"], s)] for s in ("train", "eval")}
+    assert out["new"]["eval"] == out["all"]["eval"] and out["all"]["eval"]
+    assert out["new"]["train"] == [i for i in out["all"]["train"] if i not in ids[:35]]
+    assert out["new"]["train"] and set(out["new"]["train"]) <= set(ids[35:])
+    assert hooks.promoted == [] and hooks.loaded == []
+    store.close()
+    assert LoopConfig().train_on == "new"  # the default: each piece of feedback is trained on once
+    with pytest.raises(ValueError):
+        LoopConfig.from_params({"train_on": "some"})

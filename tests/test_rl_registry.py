@@ -271,3 +271,17 @@ def test_verify_detects_changed_files(reg, base, tmp_path):
     cfg.write_text(cfg.read_text().replace('"lora_alpha": 16', '"lora_alpha": 32'))
     with pytest.raises(AdapterInvalid, match="config changed since commit"):
         reg.verify(m2.version)
+
+
+def test_trained_feedback_ids_follow_the_parent_links(reg, base, tmp_path):
+    """What a version has been trained on: its own dataset ids and every ancestor's (a sibling's
+    or a rolled-back child's do not count)."""
+    reg.commit(adapter(base, tmp_path / "a1", seed=1), parent="v0000", base_model=str(base), dataset_ids=["f1", "f2"])
+    reg.commit(adapter(base, tmp_path / "a2", seed=2), parent="v0001", base_model=str(base), dataset_ids=["f2", "f3"])
+    reg.commit(adapter(base, tmp_path / "a3", seed=3), parent="v0001", base_model=str(base), dataset_ids=["f9"])
+    assert reg.trained_feedback_ids("v0000") == []
+    assert reg.trained_feedback_ids("v0001") == ["f1", "f2"]
+    assert reg.trained_feedback_ids("v0002") == ["f1", "f2", "f3"]
+    assert reg.trained_feedback_ids("agentloop@v0003") == ["f1", "f2", "f9"]
+    with pytest.raises(VersionNotFound):
+        reg.trained_feedback_ids("v0042")
