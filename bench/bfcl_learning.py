@@ -218,13 +218,13 @@ def main() -> None:
                                                         for it in iterations]},
                                         indent=1, default=str))
     print(f"\nheld out {len(held)}; {args.train} new training questions per iteration; eval_percent "
-          f"{args.eval_percent}; job settings (the rest are DPOJobConfig's defaults) {json.dumps(params['train'])}"
+          f"{args.eval_percent}; job settings (the rest are the method's job defaults) {json.dumps(params['train'])}"
           + (f"; loop {json.dumps(args.loop)}" if args.loop else ""))
     prev = before
     for i, it in enumerate(iterations, 1):
         c, after, run = it["counts"], it["after"], it["run"]
         print(f"iteration {i}: feedback {c['corrections']} corrections, {c['thumbs_up']} thumbs up; "
-              f"{run['status']} {run.get('version') or ''} in {it['wall']:.0f} s wall (dataset, DPO job, gate, "
+              f"{run['status']} {run.get('version') or ''} in {it['wall']:.0f} s wall (dataset, training job, gate, "
               f"promotion); held out {prev[0]}/{prev[1]} -> {after[0]}/{after[1]}")
         prev = after
     after = prev

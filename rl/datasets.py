@@ -8,7 +8,8 @@ Rows (TRL conversational format; TRL reads ``tools`` and ``chat_template_kwargs`
 - DPO: ``prompt`` (the request's messages as sent), ``chosen`` and ``rejected``
   (one assistant message each), ``tools``, ``chat_template_kwargs``.
 - KTO: ``prompt``, ``completion`` (one assistant message), ``label`` (bool),
-  ``tools``, ``chat_template_kwargs``.
+  ``tools``, ``chat_template_kwargs``. A correction gives two: the correction
+  (desirable) and the answer it corrected (undesirable).
 Both carry metadata columns (``source``, ``caller``, ``conversation_hash``,
 ``version``, ``feedback_ids``) that TRL drops before training.
 
@@ -427,6 +428,11 @@ class _Builder:
                 continue
             if fb["type"] == "correction":
                 msg, label = assistant_message(fb["correction"]), True
+                # The answer the user corrected is an undesirable example: the same signal as
+                # DPO's correction pair, so a set of corrections alone has both KTO classes.
+                answer = _choice(c, 0)
+                if answer is not None and msg is not None and _canon(answer) != _canon(msg):
+                    self.add([fb], "correction", _prompt(c), completion=[answer], label=False)
             else:
                 msg, v = _choice(c, 0), fb["value"]
                 if fb["type"] == "thumbs":

@@ -79,7 +79,7 @@ def score_loaded(model, tokenizer, template: str, rows: list[dict], adapters: di
     Each value is the name of an adapter already in `model`, a folder to load into it, or None
     (the base itself: margins 0 by definition). Margins are taken against the base, which is
     the same model with its adapters disabled. The active adapter is restored afterwards."""
-    from rl.common import preference_margins
+    from rl.logprobs import preference_margins
 
     callers = [str(r.get("caller") or "") for r in rows]
     was_training, active = model.training, model.active_adapter

@@ -27,6 +27,9 @@ KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 @dataclass
 class KTOJobConfig(LoraJobConfig):
+    # The learning rate stays LoraJobConfig's 5e-5, unlike DPO's 1e-3: on tool-call corrections
+    # (desirable correction, undesirable answer, one value apart) KTO at 1e-3 collapsed every
+    # log-prob within 8 steps and 2e-4 gained 1 point (docs/benchmarks.md, session 9).
     per_device_train_batch_size: int = _help(
         "Examples per forward pass; must be > 1 (the KL baseline comes from mismatched pairs in the batch).", 2)
     desirable_weight: float = _help("Loss weight of label=True rows; raise it when they are the minority.", 1.0)

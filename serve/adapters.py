@@ -8,7 +8,10 @@ requests that started on it and is unloaded only once they have drained.
 
 Invariants:
 - a version is verified (files re-hashed and validated) before any engine
-  loads it; a corrupt or incompatible adapter is refused and nothing changes;
+  loads it -- on promotion, and again before an engine that restarted loads
+  the served versions back (`reverify`); a corrupt or incompatible adapter is
+  refused and nothing changes, or, when a served version no longer verifies,
+  it stops being served (the live one falls back as at start-up);
 - swaps are serialised (one lock), so two admin calls never interleave;
 - the base (`v0000`, the zero adapter), the live version and the canary are
   always loaded; everything else is unloaded once idle.
@@ -70,6 +73,43 @@ class AdapterManager:
                 log.error("live adapter %s failed verification at start-up, not serving it: %s", live.version, e)
                 self.registry.set_status(live.version, "rejected", f"failed verification at start-up: {e}")
         return live
+
+    def reverify(self, name: str) -> bool:
+        """Before an engine loads the served version `name` again (it restarted): may it?
+
+        The files were verified when the version was promoted, but an engine that
+        restarts reads them again from disk, and they may have been damaged or
+        changed since. A version that no longer verifies is not loaded and stops
+        being served: the live one is marked rejected and the alias falls back as at
+        start-up (`_verified_live`: the registry's next live version, else the base),
+        a canary ends, a pinned version is dropped. Returns False for a name that must
+        not be loaded; the engine then looks at the (changed) served set again.
+        The base is our own zero adapter, rewritten at every start: not re-hashed.
+        """
+        v = self.router.versions.get(name)
+        if v is None:
+            return False  # no longer served (retired meanwhile)
+        if v.version == BASE_VERSION:
+            return True
+        try:
+            self.registry.verify(v.version)
+            return True
+        except RegistryError as e:
+            reason = f"failed verification on an engine restart: {e}"
+        log.error("adapter %s %s; not serving it", v.version, reason)
+        if name == self.router.live:
+            self.registry.set_status(v.version, "rejected", reason)
+            live = self._verified_live()
+            if live is None or live.version == BASE_VERSION:
+                self.router.set_live(self.router.name_of(BASE_VERSION))
+            else:
+                self.router.add_version(live.version, str(live.path), live=True)
+            log.error("alias %s now serves %s", self.router.alias, self.router.live)
+        elif self.router.canary and self.router.canary[0] == name:
+            self.router.set_canary(None)
+            self.registry.set_status(v.version, "rejected", reason)
+        self.router.remove(name)
+        return False
 
     def _manifest(self, version: str):
         try:

@@ -54,10 +54,14 @@ class Boot:
         urls = s.engine_urls or [f"http://127.0.0.1:{s.engine_port}"]
         self._engines = [
             HttpEngine(u, adapters=self.gw.router.adapters, request_timeout=s.request_timeout,
-                       health_interval=s.health_interval)
+                       health_interval=s.health_interval, reverify=self._reverify)
             for u in urls
         ]
         return self._engines
+
+    def _reverify(self, name: str) -> bool:
+        """Before a (re)started engine loads a served adapter: re-verified once versions exist."""
+        return self.gw.adapters is None or self.gw.adapters.reverify(name)
 
     async def run(self) -> None:
         try:

@@ -31,6 +31,7 @@ from .errors import EngineError, EngineUnavailable, EngineUnreachable
 log = logging.getLogger("agentloop.engine")
 
 AdapterSet = Callable[[], dict[str, str]]  # served name -> adapter path
+Reverify = Callable[[str], bool]  # may a restarted engine load this served name again?
 
 
 class Engine(ABC):
@@ -70,10 +71,11 @@ class HttpEngine(Engine):
     """A vLLM OpenAI-compatible server reached over HTTP."""
 
     def __init__(self, url: str, *, adapters: AdapterSet, request_timeout: float = 600.0,
-                 health_interval: float = 2.0,
+                 health_interval: float = 2.0, reverify: Reverify | None = None,
                  on_down: Callable[["HttpEngine"], Awaitable[None]] | None = None):
         self.url = url.rstrip("/")
         self._adapters = adapters
+        self._reverify = reverify
         self._health_interval = health_interval
         self._healthy = False
         self._synced: set[str] = set()
@@ -133,14 +135,29 @@ class HttpEngine(Engine):
         return self.ready
 
     async def sync_adapters(self) -> None:
-        wanted = self._adapters()
-        if set(wanted) <= self._synced:
-            return
-        loaded = await self._loaded_models()
-        for name, path in wanted.items():
-            if name not in loaded:
-                await self.load_adapter(name, path)
-            self._synced.add(name)
+        """Load every served adapter this engine lacks (it started, or restarted and lost them).
+
+        Each one is re-verified first (`reverify`): the files are read from disk again and
+        may have changed since they were promoted. A refused one stops being served, which
+        changes the served set (the live alias may fall back), so the set is read again.
+        """
+        for _ in range(8):  # each pass that refuses one drops it from the served set
+            wanted = self._adapters()
+            if set(wanted) <= self._synced:
+                return
+            loaded = await self._loaded_models()
+            changed = False
+            for name, path in wanted.items():
+                if name in self._synced:
+                    continue
+                if name not in loaded:
+                    if self._reverify is not None and not self._reverify(name):
+                        changed = True
+                        continue
+                    await self.load_adapter(name, path)
+                self._synced.add(name)
+            if not changed:
+                return
 
     async def _loaded_models(self) -> set[str]:
         r = await self._client.get("/v1/models", timeout=10.0)

@@ -194,7 +194,8 @@ def test_thinking_rows_need_reasoning_on_every_answer(world):
     out = build(world)
     assert [r["chosen"][0]["reasoning_content"] for r in out.train] == ["sum"]
     assert out.stats["dropped"] == {"thinking_without_reasoning": 1}
-    assert len(build(world, kind="kto").train) == 1
+    # KTO: the "sum" correction, and the answer both corrections corrected (undesirable, deduped).
+    assert sorted(r["label"] for r in build(world, kind="kto").train) == [False, True]
 
 
 # ---------------------------------------------------------------- KTO
@@ -208,19 +209,27 @@ def test_kto_labels_thresholds_and_corrections(world):
     c = world.completion("wrong", prompt="c")
     fbs["corr"] = world.feedback("correction", c, correction={"role": "assistant", "content": "right"})
     out = build(world, kind="kto")
-    label = {r["feedback_ids"][0]: r["label"] for r in out.train}
+    label = {r["feedback_ids"][0]: r["label"] for r in out.train if r["source"] != "correction"}
     assert label == {fbs["thumbs1"]["id"]: True, fbs["thumbs-1"]["id"]: False,
                      fbs["rating1"]["id"]: False, fbs["rating2"]["id"]: False,
-                     fbs["rating4"]["id"]: True, fbs["rating5"]["id"]: True, fbs["corr"]["id"]: True}
+                     fbs["rating4"]["id"]: True, fbs["rating5"]["id"]: True}
     assert out.stats["dropped"] == {"rating_neutral": 1}
-    corr_row = next(r for r in out.train if r["source"] == "correction")
-    assert corr_row["completion"] == [{"role": "assistant", "content": "right"}] and corr_row["label"] is True
+    # A correction: the correction is desirable, the answer it corrected undesirable.
+    corr = sorted(((r["completion"][0]["content"], r["label"]) for r in out.train if r["source"] == "correction"))
+    assert corr == [("right", True), ("wrong", False)]
+    assert all(r["feedback_ids"] == [fbs["corr"]["id"]] for r in out.train if r["source"] == "correction")
     assert set(out.train[0]) == {"prompt", "completion", "label", "tools", "chat_template_kwargs",
                                  "source", "caller", "conversation_hash", "version", "feedback_ids"}
-    assert out.stats["desirable"] == 4 and out.stats["undesirable"] == 3
+    assert out.stats["desirable"] == 4 and out.stats["undesirable"] == 4
     strict = build(world, kind="kto", rating_desirable_min=5, rating_undesirable_max=1, sources=("rating",))
     assert sorted(r["label"] for r in strict.train) == [False, True]
     assert strict.stats["dropped"] == {"rating_neutral": 3, "source_not_selected": 3}
+    # Corrections alone give both classes (what KTOTrainer needs); a correction that repeats the answer
+    # gives only the desirable side.
+    same = world.completion("same", prompt="d")
+    world.feedback("correction", same, correction={"role": "assistant", "content": "same"})
+    only = build(world, kind="kto", sources=("correction",))
+    assert sorted(r["label"] for r in only.train) == [False, True, True]
 
 
 def _trl_accepts(d: float, u: float, n_d: int, n_u: int) -> bool:

@@ -21,10 +21,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-from rl.common import TrainingError, completion_logprob, preference_margins  # noqa: E402
+from rl.common import TrainingError  # noqa: E402
 from rl.dpo import DPOJobConfig, train_dpo  # noqa: E402
 from rl.job import read_events, start_job  # noqa: E402
 from rl.kto import KTOJobConfig, train_kto  # noqa: E402
+from rl.logprobs import completion_logprob, preference_margins  # noqa: E402
 from rl.registry import AdapterRegistry  # noqa: E402
 from serve.zero_adapter import write_zero_adapter  # noqa: E402
 

@@ -1,0 +1,99 @@
+"""An engine that restarts loads the served adapters again from disk: each is re-verified first.
+
+The real AdapterManager, registry and router, and a fake engine that subclasses the real
+HttpEngine (only its two HTTP calls are replaced), so `sync_adapters` runs as in the gateway.
+Adapters are written with serve/zero_adapter.py for a small fake base model (no torch).
+The live-engine version of this (a real vLLM engine killed and restarted with an intact live
+adapter) is tests/test_zz_engine_restart.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from rl.registry import AdapterRegistry
+from serve.adapters import AdapterManager
+from serve.engine import HttpEngine
+from serve.models import ModelRouter
+from serve.zero_adapter import write_zero_adapter
+
+BASE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 16, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100,
+}
+
+
+class RestartedEngine(HttpEngine):
+    """A vLLM server that just came back up: nothing loaded; records what it is asked to load."""
+
+    def __init__(self, **kw):
+        super().__init__("http://127.0.0.1:9", **kw)
+        self.loaded: dict[str, str] = {}
+
+    async def _loaded_models(self) -> set[str]:
+        return set(self.loaded)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.loaded[name] = path
+        self._synced.add(name)
+
+
+def setup(tmp_path: Path):
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(BASE_CONFIG))
+    reg = AdapterRegistry(tmp_path / "adapters")
+    write_zero_adapter(base, reg.root / "v0000")
+    versions = []
+    for seed in (1, 2):
+        src = tmp_path / f"src{seed}"
+        write_zero_adapter(base, src, seed=seed)
+        w = load_file(str(src / "adapter_model.safetensors"))
+        rng = np.random.default_rng(seed)
+        save_file({k: (rng.normal(size=v.shape).astype(np.float32) * 0.01 if "lora_B" in k else v)
+                   for k, v in w.items()}, str(src / "adapter_model.safetensors"))
+        versions.append(reg.commit(src, parent="v0000", base_model=str(base), method="dpo"))
+    gw = SimpleNamespace(settings=SimpleNamespace(max_lora_rank=64), router=ModelRouter("agentloop"),
+                         base_model=str(base))
+    manager = AdapterManager(gw, reg.root)
+    live, canary = versions
+    manager.registry.set_status(live.version, "live", "promoted")
+    manager.restore()  # serves the base and the live version, as at start-up
+    gw.router.set_canary(gw.router.add_version(canary.version, str(canary.path)).name, 0.25)
+    engine = RestartedEngine(adapters=gw.router.adapters, reverify=manager.reverify)
+    return manager, gw.router, engine, live, canary
+
+
+def test_intact_served_versions_are_loaded_again(tmp_path):
+    manager, router, engine, live, canary = setup(tmp_path)
+    asyncio.run(engine.sync_adapters())
+    assert set(engine.loaded) == {"agentloop@v0000", f"agentloop@{live.version}", f"agentloop@{canary.version}"}
+    assert router.live == f"agentloop@{live.version}" and router.canary == (f"agentloop@{canary.version}", 0.25)
+    assert set(router.adapters()) <= engine._synced  # so the engine counts as ready
+
+
+def test_versions_damaged_on_disk_are_not_loaded_again_and_stop_being_served(tmp_path):
+    manager, router, engine, live, canary = setup(tmp_path)
+    # While the engine was down: the live weights were cut short (a crash, a full disk), and the
+    # canary's were changed (still a loadable file, but not the weights that were checked).
+    weights = live.path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    w = load_file(str(canary.path / "adapter_model.safetensors"))
+    save_file({k: v * 2 for k, v in w.items()}, str(canary.path / "adapter_model.safetensors"))
+
+    asyncio.run(engine.sync_adapters())
+
+    assert set(engine.loaded) == {"agentloop@v0000"}  # neither damaged version reached the engine
+    assert router.live == "agentloop@v0000" and router.canary is None  # the alias falls back to the base
+    assert set(router.adapters()) == {"agentloop@v0000"} <= engine._synced  # ready, not 503 forever
+    for m in (live, canary):
+        after = manager.registry.get(m.version)
+        assert after.status == "rejected" and "failed verification on an engine restart" in after.reason
+    assert "truncated" in manager.registry.get(live.version).reason
+    assert "weights changed since commit" in manager.registry.get(canary.version).reason
