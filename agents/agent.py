@@ -28,9 +28,9 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware, ModelCallLimitMiddleware
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-from tools.registry import ToolRegistry
+from agentloop.tools.registry import ToolRegistry
 
-from .gateway import FeedbackClient, chat_model, thinking_body, trajectory_feedback
+from agentloop.agents.gateway import FeedbackClient, chat_model, thinking_body, trajectory_feedback
 
 _UNSET: Any = object()
 

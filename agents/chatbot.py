@@ -33,10 +33,12 @@ import openai
 from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt,
                       stop_after_delay, wait_exponential, wait_random)
 
-from .gateway import DEFAULT_POLICY, FeedbackClient, api_base, thinking_body, trajectory_feedback
+from agentloop.agents.gateway import (
+    DEFAULT_POLICY, FeedbackClient, api_base, thinking_body, trajectory_feedback,
+)
 
 if TYPE_CHECKING:  # the registry (and LangChain under it) loads only when tools are used
-    from tools.registry import ToolRegistry, ToolResult
+    from agentloop.tools.registry import ToolRegistry, ToolResult
 
 __all__ = ["DEFAULT_POLICY", "AnswerCleaner", "Chatbot", "ChatbotError", "ChatbotUnavailable", "EmptyAnswer",
            "Example", "Reply", "TruncatedAnswer", "clean_answer", "is_retryable"]

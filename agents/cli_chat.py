@@ -1,7 +1,7 @@
 """``agentloop chat``: a terminal chat on the retry-wrapped chatbot, with feedback commands.
 
 What it owns: the command's flags (``add_chat_command`` registers them on the
-``agentloop`` parser; ``main`` runs it standalone, ``python -m agents.cli_chat``),
+``agentloop`` parser; ``main`` runs it standalone, ``python -m agentloop.agents.cli_chat``),
 the read–stream–print loop, and the slash commands:
 
   /good [comment]   thumbs up on the last answer (every completion of the turn)
@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from .gateway import DEFAULT_POLICY, DEFAULT_URL, FeedbackError
+from agentloop.agents.gateway import DEFAULT_POLICY, DEFAULT_URL, FeedbackError
 
 # The chatbot (openai) and the tools (LangChain) load in run_chat: registering
 # the subcommand on the `agentloop` parser must stay cheap for every command.
@@ -131,7 +131,7 @@ def _switch(arg: str, name: str) -> bool:
 
 def _command(bot: Any, screen: _Screen, line: str, args: argparse.Namespace) -> bool:
     """Run one slash command; False means quit."""
-    from .chatbot import ChatbotError
+    from agentloop.agents.chatbot import ChatbotError
 
     name, _, rest = line[1:].partition(" ")
     rest = rest.strip()
@@ -154,7 +154,7 @@ def _command(bot: Any, screen: _Screen, line: str, args: argparse.Namespace) -> 
             on = _switch(rest, "tools")
             names = rest.split()[1:]
             if on:
-                from tools.builtin import builtin_registry
+                from agentloop.tools.builtin import builtin_registry
 
                 reg = builtin_registry(args.search_root or None)
                 bot.tools = reg.subset(names) if names else reg
@@ -176,7 +176,7 @@ def _command(bot: Any, screen: _Screen, line: str, args: argparse.Namespace) -> 
 
 
 def _turn(bot: Any, screen: _Screen, text: str | None) -> None:
-    from .chatbot import ChatbotError
+    from agentloop.agents.chatbot import ChatbotError
 
     try:
         if text is None:
@@ -191,7 +191,7 @@ def _turn(bot: Any, screen: _Screen, text: str | None) -> None:
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    from .chatbot import Chatbot
+    from agentloop.agents.chatbot import Chatbot
 
     out = stdout or sys.stdout
     # The HTTP clients log every request at INFO; on a chat screen that is noise.
@@ -199,7 +199,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         logging.getLogger(noisy).setLevel(logging.WARNING)
     tools = None
     if args.tools:
-        from tools.builtin import builtin_registry
+        from agentloop.tools.builtin import builtin_registry
 
         tools = builtin_registry(args.search_root or None)
     bot = Chatbot(args.url, args.api_key, args.model, policy=args.system or None, temperature=args.temperature,

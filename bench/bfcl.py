@@ -57,9 +57,9 @@ MARKUP = ("<tool_call>", "</tool_call>")
 
 def start_plain_vllm(model_dir: Path, home: Path) -> tuple[Any, str, str]:
     """Plain vLLM as the gateway would start it, but with vLLM's own hermes parser and no plugin."""
-    from serve.settings import Settings
-    from serve.supervisor import EngineProcess, vllm_argv, vllm_env
-    from templates.registry import get_template
+    from agentloop.serve.settings import Settings
+    from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
+    from agentloop.templates.registry import get_template
     from tests.conftest import free_port
 
     defaults = {k: f.default for k, f in Settings.model_fields.items()}
@@ -105,7 +105,7 @@ def start_agentloop(home: Path, model_dir: Path) -> tuple[Any, str]:
         return proc, url
     except BaseException:
         for child in psutil.Process().children():
-            if child.pid not in before and "serve.cli" in " ".join(child.cmdline()):
+            if child.pid not in before and "agentloop.serve.cli" in " ".join(child.cmdline()):
                 child.terminate()  # SIGTERM: the gateway stops its engine on the way out
                 child.wait(60)
         raise
@@ -345,7 +345,7 @@ def main() -> None:
     if bad:
         p.error(f"unknown categories {sorted(bad)} (known: {', '.join(CATEGORIES)})")
 
-    from serve.default_model import ensure_default_model
+    from agentloop.serve.engine.default_model import ensure_default_model
     from tests.conftest import stop_gateway
 
     cases = [c for cat in args.categories for c in load_category(args.data, cat)[: args.per_category]]

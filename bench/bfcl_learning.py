@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--dump", type=Path, help="write every question's calls and grade (before, teaching, after) as JSON")
     args = p.parse_args()
 
-    from serve.default_model import ensure_default_model
+    from agentloop.serve.engine.default_model import ensure_default_model
     from tests.conftest import ADMIN_KEY, stop_gateway
 
     cases = load_category(args.data, "simple")

@@ -143,7 +143,7 @@ def main() -> None:
         if args.model == "tiny":
             model = ensure_tiny_model()
         elif args.model == "default":
-            from serve.default_model import ensure_default_model
+            from agentloop.serve.engine.default_model import ensure_default_model
 
             model = ensure_default_model()
         else:

@@ -55,10 +55,10 @@ def main() -> None:
     p.add_argument("--dump", type=Path, help="write every variant's graded answers as JSON")
     args = p.parse_args()
 
-    from rl.datasets import DatasetConfig, build_dataset
-    from rl.dpo import DPOJobConfig, train_dpo
-    from serve.default_model import ensure_default_model
-    from serve.store import Store
+    from agentloop.rl.datasets import DatasetConfig, build_dataset
+    from agentloop.rl.dpo import DPOJobConfig, train_dpo
+    from agentloop.serve.engine.default_model import ensure_default_model
+    from agentloop.serve.store.db import Store
     from tests.conftest import stop_gateway
 
     store = Store(f"sqlite:///{args.home / 'agentloop.db'}")

@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=4, help="requests per side")
     p.add_argument("--model", help="model folder (default: the embedded default model)")
     args = p.parse_args()
-    from serve.default_model import ensure_default_model
+    from agentloop.serve.engine.default_model import ensure_default_model
 
     model_dir = Path(args.model) if args.model else ensure_default_model()
     res = {k: measure(model_dir, k, args.words, args.reps) for k in (False, True)}

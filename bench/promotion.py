@@ -26,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.registry import AdapterRegistry  # noqa: E402
+from agentloop.rl.registry import AdapterRegistry  # noqa: E402
 from tests.conftest import ADMIN_KEY, noisy_adapter, start_gateway, stop_gateway  # noqa: E402
 
 MSG = [{"role": "user", "content": "Hello"}]

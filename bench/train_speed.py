@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.job import read_events, start_job  # noqa: E402
-from rl.registry import AdapterRegistry  # noqa: E402
-from serve.zero_adapter import write_zero_adapter  # noqa: E402
+from agentloop.rl.job import read_events, start_job  # noqa: E402
+from agentloop.rl.registry import AdapterRegistry  # noqa: E402
+from agentloop.rl.zero_adapter import write_zero_adapter  # noqa: E402
 
 TOPICS = ["the sea", "a cat", "rain", "coffee", "a train", "the moon", "bread", "a garden"]
 
@@ -128,7 +128,7 @@ def main() -> None:
                    help='job settings to time side by side, e.g. \'{"cpu_base_weights": "fp32"}\' \'{"cpu_base_weights": "bf16"}\'')
     args = p.parse_args()
     if args.model is None:
-        from serve.default_model import ensure_default_model
+        from agentloop.serve.engine.default_model import ensure_default_model
 
         args.model = str(ensure_default_model())
     work = Path(tempfile.mkdtemp(prefix="agentloop-train-bench-"))

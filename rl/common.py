@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from rl.registry import DEFAULT_MAX_RANK, validate_adapter
+from agentloop.rl.registry import DEFAULT_MAX_RANK, validate_adapter
 
 __all__ = [
     "LoraJobConfig", "TrainResult", "TrainingError", "OnLog", "AfterTrain",
@@ -101,7 +101,7 @@ class LoraJobConfig:
     num_threads: int | None = _help("torch intra-op threads (process-wide); None leaves torch's default.")
 
     def __post_init__(self) -> None:
-        from templates.registry import get_template
+        from agentloop.templates.registry import get_template
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -227,7 +227,7 @@ def _messages(value: Any, what: str, *, completion: bool) -> list[dict]:
 def _render_row(template: str, row: dict, completion_key: str | None) -> str:
     """The row's text as serving renders it: the prompt with the generation prompt (key None),
     or the prompt followed by the completion under `completion_key`."""
-    from templates.registry import render
+    from agentloop.templates.registry import render
 
     tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
     kwargs = dict(row.get("chat_template_kwargs") or {})
@@ -305,7 +305,7 @@ def build_dataset(rows: list[dict], kind: str, template: str):
 def load_tokenizer(model_dir: str, template: str):
     from transformers import AutoTokenizer
 
-    from templates.registry import template_text
+    from agentloop.templates.registry import template_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     # The same Jinja text vLLM renders with: TRL tokenizes through tokenizer.apply_chat_template.

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from serve import chat
+from agentloop.serve import protocol as chat
 
 KINDS = ("dpo", "kto")
 SOURCES = {"dpo": ("pairwise", "correction", "thumbs"), "kto": ("thumbs", "rating", "correction")}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from rl.common import AfterTrain, LoraJobConfig, OnLog, TrainResult, _help, run_training
+from agentloop.rl.common import AfterTrain, LoraJobConfig, OnLog, TrainResult, _help, run_training
 
 __all__ = ["DPOJobConfig", "train_dpo", "DPO_LOSSES"]
 
@@ -81,7 +81,7 @@ def train_dpo(cfg: DPOJobConfig, train_rows: list[dict], eval_rows: list[dict] |
     """Train a DPO LoRA on `train_rows`; `on_log(step, metrics)` is called once per optimizer step."""
     from trl import DPOConfig, DPOTrainer
 
-    from rl.shared_prefix import SharedPrefixDPOTrainer
+    from agentloop.rl.shared_prefix import SharedPrefixDPOTrainer
 
     extra = {"loss_type": [cfg.loss_type], "label_smoothing": cfg.label_smoothing}
     if cfg.sft_weight > 0:

@@ -17,7 +17,7 @@ Two checks, both against the version that is live now:
 The preference check needs torch, so it never runs in the gateway's event loop.
 The loop has the training job run it (`score_loaded` on the model the job
 already holds, right after training), which saves a process start and a model
-load per iteration; `python -m rl.gate <spec.json>` (`preference_accuracy`)
+load per iteration; `python -m agentloop.rl.gate <spec.json>` (`preference_accuracy`)
 scores saved adapters in a process of its own. `tool_validity` only needs a
 chat callable (the gateway passes its engine pool).
 """
@@ -79,7 +79,7 @@ def score_loaded(model, tokenizer, template: str, rows: list[dict], adapters: di
     Each value is the name of an adapter already in `model`, a folder to load into it, or None
     (the base itself: margins 0 by definition). Margins are taken against the base, which is
     the same model with its adapters disabled. The active adapter is restored afterwards."""
-    from rl.logprobs import preference_margins
+    from agentloop.rl.logprobs import preference_margins
 
     callers = [str(r.get("caller") or "") for r in rows]
     was_training, active = model.training, model.active_adapter
@@ -111,7 +111,7 @@ def preference_accuracy(base_model: str, template: str, rows: list[dict], adapte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rl.common import load_tokenizer
+    from agentloop.rl.common import load_tokenizer
 
     paths = [p for p in adapters.values() if p is not None]
     if not paths:
@@ -180,7 +180,7 @@ def decide(cfg: GateConfig, pref: dict, tools: dict) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rl.gate spec.json`: spec {base_model, template, rows (JSONL path), adapters}."""
+    """`python -m agentloop.rl.gate spec.json`: spec {base_model, template, rows (JSONL path), adapters}."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     rows = [json.loads(line) for line in Path(spec["rows"]).read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""A training run as its own process: `python -m rl.job <spec.json | ->`, reporting JSON lines on stdout.
+"""A training run as its own process: `python -m agentloop.rl.job <spec.json | ->`, reporting JSON lines on stdout.
 
 Owns: the job spec, the event stream, and the rule that a run touches the
 registry exactly once, at the end, through `AdapterRegistry.commit`.
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from rl.registry import DEFAULT_MAX_RANK, AdapterRegistry
+from agentloop.rl.registry import DEFAULT_MAX_RANK, AdapterRegistry
 
 __all__ = ["start_job", "read_events", "run_spec", "load_rows", "main", "JobTerminated"]
 
@@ -82,11 +82,11 @@ def load_rows(path: str | Path) -> list[dict]:
 
 def _method(name: str):
     if name == "dpo":
-        from rl.dpo import DPOJobConfig, train_dpo
+        from agentloop.rl.dpo import DPOJobConfig, train_dpo
 
         return DPOJobConfig, train_dpo
     if name == "kto":
-        from rl.kto import KTOJobConfig, train_kto
+        from agentloop.rl.kto import KTOJobConfig, train_kto
 
         return KTOJobConfig, train_kto
     raise ValueError(f"unknown method {name!r}; use 'dpo' or 'kto'")
@@ -173,7 +173,7 @@ def _gate_scorer(gate: dict, template: str):
     live = gate.get("live")
 
     def score(model, tokenizer) -> dict:
-        from rl.gate import score_loaded
+        from agentloop.rl.gate import score_loaded
 
         return score_loaded(model, tokenizer, template, rows, {"live": live, "candidate": "default"})
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _die_with_parent()  # after the handlers: the signal must unwind through the cleanup
         if len(argv) != 1:
-            raise ValueError("usage: python -m rl.job <spec.json | ->")
+            raise ValueError("usage: python -m agentloop.rl.job <spec.json | ->")
         text = sys.stdin.read() if argv[0] == "-" else Path(argv[0]).read_text()
         spec = json.loads(text)
         if not isinstance(spec, dict):
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_job(spec: dict, *, log_path: str | Path | None = None, env: dict | None = None) -> subprocess.Popen:
-    """Start `python -m rl.job -` with `spec` on its stdin. stdout (text, line-buffered) carries
+    """Start `python -m agentloop.rl.job -` with `spec` on its stdin. stdout (text, line-buffered) carries
     the events -- read them with `read_events`; stderr goes to `log_path` (appended) if given,
     else is inherited. The child runs in its own session, so signals aimed at the caller's
     process group do not reach it; stop it with proc.terminate() (clean, reports "failed")."""
@@ -268,7 +268,7 @@ def start_job(spec: dict, *, log_path: str | Path | None = None, env: dict | Non
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p)
     stderr = open(log_path, "ab") if log_path is not None else None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "rl.job", "-"], cwd=ROOT, env=full_env, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "agentloop.rl.job", "-"], cwd=ROOT, env=full_env, text=True,
                                 bufsize=1, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                 start_new_session=True)
     finally:

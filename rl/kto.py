@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rl.common import AfterTrain, LoraJobConfig, OnLog, TrainingError, TrainResult, _help, run_training
+from agentloop.rl.common import (
+    AfterTrain, LoraJobConfig, OnLog, TrainingError, TrainResult, _help, run_training,
+)
 
 __all__ = ["KTOJobConfig", "train_kto", "KTO_LOSSES"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 
-from rl.common import normalize_message
+from agentloop.rl.common import normalize_message
 
 __all__ = ["pair_logps", "answer_logprobs", "completion_logprob", "preference_margins"]
 
@@ -72,7 +72,7 @@ def pair_logps(model, prompt, answers: list, *, prompt_gradient: bool = True) ->
 def _answer_ids(tokenizer, template: str, prompt: list, answers: list[list], tools, kwargs) -> tuple[list, list]:
     """Token ids as TRL cuts them: the prompt (with generation prompt) up to where it and every
     prompt+answer rendering diverge, then each answer's remaining tokens."""
-    from templates.registry import render
+    from agentloop.templates.registry import render
 
     prompt = [normalize_message(m) for m in prompt]
     p = _tokens(tokenizer, render(template, prompt, tools=tools, add_generation_prompt=True, **kwargs))

@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from rl.datasets import DatasetConfig, build_dataset
-from rl.dpo import DPOJobConfig
-from rl.gate import GateConfig, decide, load_regression_set, tool_validity
-from rl.job import read_events, start_job
-from rl.registry import AdapterRegistry, VersionNotFound
+from agentloop.rl.datasets import DatasetConfig, build_dataset
+from agentloop.rl.dpo import DPOJobConfig
+from agentloop.rl.gate import GateConfig, decide, load_regression_set, tool_validity
+from agentloop.rl.job import read_events, start_job
+from agentloop.rl.registry import AdapterRegistry, VersionNotFound
 
 log = logging.getLogger("agentloop.loop")
 

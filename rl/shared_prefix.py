@@ -26,7 +26,7 @@ from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from rl.logprobs import pair_logps
+from agentloop.rl.logprobs import pair_logps
 
 __all__ = ["SharedPrefixDPOTrainer", "SHARED_LOSSES"]
 

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         return out
 
     def loop_defaults(self):
-        from rl.loop import LoopConfig
+        from agentloop.rl.loop import LoopConfig
 
         return LoopConfig.from_params({"method": self.loop_method, "min_new_feedback": self.loop_min_new_feedback,
                                        "period_seconds": self.loop_period_seconds, **self.loop_params})

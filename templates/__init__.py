@@ -9,32 +9,13 @@ and the trainer can use it; every template has a paired parser that reads
 what the template renders back into the same content, reasoning and calls.
 """
 
-from templates.parsing import (
-    TOOL_PARSERS,
-    Event,
-    HermesToolParser,
-    JsonScanner,
-    Llama3JsonToolParser,
-    TextDelta,
-    ThinkStreamSplitter,
-    ToolCall,
-    ToolCallArgs,
-    ToolCallStart,
-    ToolCallStreamParser,
-    assemble,
-    extract_hermes,
-    extract_llama3_json,
-    parse_call_object,
-    split_reasoning,
-    thinking_enabled,
+from agentloop.templates.parsing import (
+    TOOL_PARSERS, Event, HermesToolParser, JsonScanner, Llama3JsonToolParser, TextDelta,
+    ThinkStreamSplitter, ToolCall, ToolCallArgs, ToolCallStart, ToolCallStreamParser, assemble,
+    extract_hermes, extract_llama3_json, parse_call_object, split_reasoning, thinking_enabled,
 )
-from templates.registry import (
-    TEMPLATE_DIR,
-    ChatTemplate,
-    get_template,
-    list_templates,
-    render,
-    template_text,
+from agentloop.templates.registry import (
+    TEMPLATE_DIR, ChatTemplate, get_template, list_templates, render, template_text,
 )
 
 __all__ = [

@@ -33,8 +33,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Union
 
-# Relative: this file is also imported as part of a stand-in package when vLLM loads the plugin by path.
-from .reasoning import ThinkStreamSplitter, partial_suffix as _partial_suffix, split_reasoning, thinking_enabled
+from agentloop.templates.reasoning import (
+    ThinkStreamSplitter, partial_suffix as _partial_suffix, split_reasoning, thinking_enabled,
+)
 
 __all__ = [
     "ToolCall", "TextDelta", "ToolCallStart", "ToolCallArgs", "Event",
@@ -44,32 +45,26 @@ __all__ = [
     "extract_llama3_json", "TOOL_PARSERS",
 ]
 
-
 @dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: str  # normalised JSON object text
 
-
 @dataclass(frozen=True)
 class TextDelta:
     text: str
-
 
 @dataclass(frozen=True)
 class ToolCallStart:
     index: int
     name: str
 
-
 @dataclass(frozen=True)
 class ToolCallArgs:
     index: int
     text: str
 
-
 Event = Union[TextDelta, ToolCallStart, ToolCallArgs]
-
 
 def _push_text(out: list[Event], text: str) -> None:
     if not text:
@@ -78,7 +73,6 @@ def _push_text(out: list[Event], text: str) -> None:
         out[-1] = TextDelta(out[-1].text + text)
     else:
         out.append(TextDelta(text))
-
 
 # ---------------------------------------------------------------- JSON scan
 
@@ -90,7 +84,6 @@ _VALUE, _VALUE_OR_CLOSE, _KEY, _KEY_OR_CLOSE, _COLON, _COMMA_OR_CLOSE, _END = ra
 # Number sub-states; a number may end only in a terminal one.
 _N_SIGN, _N_ZERO, _N_INT, _N_DOT, _N_FRAC, _N_E, _N_ESIGN, _N_EXP = range(8)
 _N_TERMINAL = frozenset((_N_ZERO, _N_INT, _N_FRAC, _N_EXP))
-
 
 class JsonScanner:
     """Incremental syntax check of one JSON value, one character at a time.
@@ -234,10 +227,8 @@ class JsonScanner:
     def _value_done(self) -> None:
         self._expect = _COMMA_OR_CLOSE if self._stack else _END
 
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
-
 
 def parse_call_object(text: str, arg_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
     """A tool call from one JSON object text, or None if it is not one.
@@ -274,7 +265,6 @@ def parse_call_object(text: str, arg_keys: tuple[str, ...] = ("arguments", "para
     except ValueError:  # e.g. 1e400 decoded to inf
         return None
 
-
 def assemble(events: Iterable[Event]) -> tuple[str, list[ToolCall]]:
     """Fold a stream of events into (content, calls), as a client would."""
     content: list[str] = []
@@ -290,9 +280,7 @@ def assemble(events: Iterable[Event]) -> tuple[str, list[ToolCall]]:
             args.setdefault(event.index, []).append(event.text)
     return "".join(content), [ToolCall(names[i], "".join(args[i])) for i in sorted(names)]
 
-
 # ----------------------------------------------------------- tool streams
-
 
 class ToolCallStreamParser:
     """Base of the streaming tool-call parsers: `feed` deltas, then `finish`."""
@@ -331,7 +319,6 @@ class ToolCallStreamParser:
         out.append(ToolCallStart(self._index, call.name))
         out.append(ToolCallArgs(self._index, call.arguments))
         self._index += 1
-
 
 class HermesToolParser(ToolCallStreamParser):
     """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks.
@@ -467,7 +454,6 @@ class HermesToolParser(ToolCallStreamParser):
             self._after_call = False
         self._in_call, self._held, self._match, self._body = False, "", 0, []
 
-
 class Llama3JsonToolParser(ToolCallStreamParser):
     """Llama-3.x JSON tool calls: `{"name": ..., "parameters": {...}}; {...}`.
 
@@ -559,7 +545,6 @@ class Llama3JsonToolParser(ToolCallStreamParser):
     def _fail(self, out: list[Event]) -> None:
         _push_text(out, self._prefix + "".join(self._raw))
         self._state, self._prefix, self._raw = self._TEXT, "", []
-
 
 # One-shot parsers: text -> (content, calls).
 extract_hermes = HermesToolParser.extract

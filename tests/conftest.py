@@ -2,7 +2,7 @@
 
 The server runs the tiny model that tests/tiny_model.py builds (cached), so
 outputs are deterministic under greedy decoding. It is started once per test
-session through the real CLI (`python -m serve.cli serve`), exactly as a user
+session through the real CLI (`python -m agentloop.serve.cli serve`), exactly as a user
 would start it, and stopped with SIGTERM at the end (which must leave no
 orphan engine behind — test_gateway checks that too).
 """
@@ -104,7 +104,7 @@ def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None
            "AGENTLOOP_HEALTH_INTERVAL": "0.5", "AGENTLOOP_ADMIN_KEY": ADMIN_KEY}
     log = open(home / "gateway.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),
+        [sys.executable, "-m", "agentloop.serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),
          *(["--model", str(model_dir)] if model_dir else []), "--log-level", "warning", *(extra or [])],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -16,8 +16,8 @@ from typing import Literal
 import pytest
 from langchain_core.messages import ToolMessage
 
-from agents import Agent
-from tools import ToolRegistry, evaluate
+from agentloop.agents import Agent
+from agentloop.tools import ToolRegistry, evaluate
 
 PARIS = "What is the weather in Paris?"
 BOTH = "What is the weather in Paris and London?"

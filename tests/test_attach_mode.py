@@ -24,7 +24,7 @@ def test_gateway_attached_to_running_engines(server, tmp_path):
     port = free_port()
     env = {**os.environ, "AGENTLOOP_HOME": str(tmp_path), "AGENTLOOP_HEALTH_INTERVAL": "0.5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--engine-url", server.engine_url,
+        [sys.executable, "-m", "agentloop.serve.cli", "serve", "--port", str(port), "--engine-url", server.engine_url,
          "--engine-url", dead, "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=open(tmp_path / "gw.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

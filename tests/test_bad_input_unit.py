@@ -15,9 +15,9 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from serve import chat
-from serve.errors import InvalidRequest
-from templates import render
+from agentloop.serve import protocol as chat
+from agentloop.serve.errors import InvalidRequest
+from agentloop.templates import render
 from tests.test_gateway_unit import FakeEngine, make_client, rows
 
 MSG = [{"role": "user", "content": "hello"}]

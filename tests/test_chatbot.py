@@ -19,8 +19,10 @@ import httpx
 import openai
 import pytest
 
-from agents.chatbot import (AnswerCleaner, Chatbot, ChatbotError, ChatbotUnavailable, EmptyAnswer, Example,
-                            clean_answer, is_retryable)
+from agentloop.agents.chatbot import (
+    AnswerCleaner, Chatbot, ChatbotError, ChatbotUnavailable, EmptyAnswer, Example, clean_answer,
+    is_retryable,
+)
 from tests.conftest import free_port
 
 GREETING = "Hello! How can I help you today?"

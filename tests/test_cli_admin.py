@@ -14,7 +14,7 @@ def cli(server, *args, key: str | None = ADMIN_KEY):
     env["AGENTLOOP_HOME"] = str(server.home)
     if key:
         env["AGENTLOOP_ADMIN_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args, "--url", server.url], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "agentloop.serve.cli", *args, "--url", server.url], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -43,7 +43,7 @@ def test_loop_worker_starts_a_run_when_feedback_is_due(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from serve.store import Store
+    from agentloop.serve.store.db import Store
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     for i in range(3):
@@ -70,7 +70,7 @@ def test_loop_worker_starts_a_run_when_feedback_is_due(tmp_path):
     httpd = HTTPServer(("127.0.0.1", 0), Fake)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     env = {**os.environ, "AGENTLOOP_ADMIN_KEY": ADMIN_KEY, "AGENTLOOP_HOME": str(tmp_path)}
-    base = [sys.executable, "-m", "serve.cli", "loop", "--once", "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}",
+    base = [sys.executable, "-m", "agentloop.serve.cli", "loop", "--once", "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}",
             "--url", f"http://127.0.0.1:{httpd.server_port}"]
     try:
         r = subprocess.run(base, cwd=ROOT, env={**env, "AGENTLOOP_LOOP_MIN_NEW_FEEDBACK": "5"},

@@ -16,7 +16,7 @@ import sys
 import pexpect
 import pytest
 
-from agents.cli_chat import add_chat_command, build_parser, run_chat
+from agentloop.agents.cli_chat import add_chat_command, build_parser, run_chat
 from tests.conftest import ROOT, free_port
 
 GREETING = "Hello! How can I help you today?"
@@ -24,7 +24,7 @@ GREETING = "Hello! How can I help you today?"
 
 def spawn(server, *extra: str) -> pexpect.spawn:
     env = {**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
-    child = pexpect.spawn(sys.executable, ["-m", "agents.cli_chat", "--url", server.url, "--api-key", "test-key",
+    child = pexpect.spawn(sys.executable, ["-m", "agentloop.agents.cli_chat", "--url", server.url, "--api-key", "test-key",
                                            "--temperature", "0", "--max-tokens", "48", *extra],
                           cwd=str(ROOT), env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
     child.expect_exact("you> ")

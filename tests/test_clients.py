@@ -13,7 +13,7 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 
 from tests.data.tiny_conversations import ALL_TOOLS, GET_WEATHER
-from tools import ToolRegistry
+from agentloop.tools import ToolRegistry
 
 GREETING = "Hello! How can I help you today?"
 PARIS = "What is the weather in Paris?"

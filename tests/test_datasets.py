@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rl.datasets import (
-    DatasetBuild, DatasetConfig, build_dataset, char_length, is_positive, kto_weights, template_kwargs,
+from agentloop.rl.datasets import (
+    DatasetBuild, DatasetConfig, build_dataset, char_length, is_positive, kto_weights,
+    template_kwargs,
 )
-from serve import chat
-from serve.store import Store
+from agentloop.serve import protocol as chat
+from agentloop.serve.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
@@ -467,6 +468,6 @@ def test_config_fields_have_help():
 
 
 def test_import_pulls_in_no_fastapi_or_heavy_modules():
-    code = ("import sys, rl.datasets; bad = [m for m in ('fastapi', 'torch', 'vllm', 'datasets') "
+    code = ("import sys, agentloop.rl.datasets; bad = [m for m in ('fastapi', 'torch', 'vllm', 'datasets') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

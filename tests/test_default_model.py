@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serve import default_model as dm
+from agentloop.serve.engine import default_model as dm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def model_dir() -> Path:
 
 def test_import_does_not_import_torch():
     code = (
-        "import sys, serve.default_model; "
+        "import sys, agentloop.serve.engine.default_model; "
         "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

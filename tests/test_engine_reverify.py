@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from rl.registry import AdapterRegistry
-from serve.adapters import AdapterManager
-from serve.engine import HttpEngine
-from serve.models import ModelRouter
-from serve.zero_adapter import write_zero_adapter
+from agentloop.rl.registry import AdapterRegistry
+from agentloop.serve.engine.adapters import AdapterManager
+from agentloop.serve.engine.client import HttpEngine
+from agentloop.serve.engine.router import ModelRouter
+from agentloop.rl.zero_adapter import write_zero_adapter
 
 BASE_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -231,9 +231,9 @@ def test_restart_with_a_damaged_live_adapter_serves_the_base(server, tmp_path):
     """A live version whose weights were damaged on disk (say, a crash of the machine, or a
     hand-edited folder) is not loaded at start-up: it would be refused by the engine, which
     would then never be ready. It is marked rejected with the reason and the base serves."""
-    from rl.registry import AdapterRegistry
-    from serve.boot import model_slug
-    from serve.zero_adapter import write_zero_adapter
+    from agentloop.rl.registry import AdapterRegistry
+    from agentloop.serve.engine.boot import model_slug
+    from agentloop.rl.zero_adapter import write_zero_adapter
     from tests.conftest import noisy_adapter
 
     home = tmp_path / "gw"

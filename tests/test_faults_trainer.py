@@ -31,9 +31,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rl.job import read_events
-from rl.registry import AdapterRegistry, VersionNotFound
-from serve.zero_adapter import write_zero_adapter
+from agentloop.rl.job import read_events
+from agentloop.rl.registry import AdapterRegistry, VersionNotFound
+from agentloop.rl.zero_adapter import write_zero_adapter
 from tests.conftest import ADMIN_KEY, ROOT, noisy_adapter
 
 SEED = int(os.environ.get("AGENTLOOP_FAULT_SEED", "6"))  # another seed: other kill points
@@ -49,9 +49,9 @@ def half(path):  # leave a half-written file behind, as a kill mid-write does
     with open(path, "r+b") as fh:
         fh.truncate(os.path.getsize(path) // 2)
 
-import rl.registry as registry
+import agentloop.rl.registry as registry
 if point == "load":                      # the dataset is being read
-    import rl.job as job
+    import agentloop.rl.job as job
     _load = job.load_rows
     job.load_rows = lambda path: (_load(path), die())
 elif point == "save":                    # the trainer is writing the adapter's weights
@@ -91,7 +91,7 @@ elif point == "promote":                 # set_status(live): new one marked, old
     registry.AdapterRegistry._set = set_
 
 if what == "job":
-    from rl.job import main
+    from agentloop.rl.job import main
     sys.exit(main(["-"]))
 reg = registry.AdapterRegistry(sys.argv[3])
 if what == "commit":
@@ -299,7 +299,7 @@ def test_corrupt_adapters_are_refused_while_the_live_version_serves(server, tmp_
             assert err["type"] == "invalid_request_error" and err["param"] == "version"
             now = _ask(server)  # the live version keeps serving, unchanged
             assert now["model"] == served["model"] and now["choices"] == served["choices"]
-        cli = subprocess.run([sys.executable, "-m", "serve.cli", "promote", truncated.version, "--url", server.url,
+        cli = subprocess.run([sys.executable, "-m", "agentloop.serve.cli", "promote", truncated.version, "--url", server.url,
                               "--admin-key", ADMIN_KEY], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert cli.returncode == 1 and cli.stdout == ""
         assert cli.stderr.startswith(f"agentloop: 400: Adapter {truncated.version} was refused") \
@@ -316,7 +316,7 @@ def test_corrupt_adapters_are_refused_while_the_live_version_serves(server, tmp_
 
 STARTER = r'''
 import json, sys
-from rl.job import read_events, start_job
+from agentloop.rl.job import read_events, start_job
 proc = start_job(json.loads(sys.stdin.read()), log_path=sys.argv[1])
 print(json.dumps({"event": "pid", "pid": proc.pid}), flush=True)
 for event in read_events(proc):

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from serve import feedback
-from serve.app import create_app
-from serve.auth import caller_of
-from serve.settings import Settings
-from serve.store import Store
+from agentloop.serve.services import feedback
+from agentloop.serve.http.app import create_app
+from agentloop.serve.http.auth import caller_of
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
 from tests.test_gateway_unit import FakeEngine
 
 MSG = [{"role": "user", "content": "hello"}]

@@ -31,8 +31,8 @@ import httpx
 import pytest
 import schemathesis
 
-from serve.app import create_app
-from serve.settings import Settings
+from agentloop.serve.http.app import create_app
+from agentloop.serve.settings import Settings
 from tests.conftest import ADMIN_KEY
 from tests.test_gateway_unit import FakeEngine
 
@@ -101,7 +101,7 @@ def test_openapi_describes_the_bodies_the_routes_read():
     """What the fuzz generates from: the documented bodies accept real requests and refuse broken ones."""
     import jsonschema
 
-    from serve import api_schema
+    from agentloop.serve.http import api_schema
 
     for path, method in api_schema.BODIES:
         assert "requestBody" in OPENAPI["paths"][path][method], (path, method)
@@ -135,8 +135,8 @@ def inproc(tmp_path_factory):
     routes work) and a few logged completions (so feedback can reach the store)."""
     from schemathesis.python import asgi
 
-    from serve.adapters import AdapterManager
-    from serve.zero_adapter import write_zero_adapter
+    from agentloop.serve.engine.adapters import AdapterManager
+    from agentloop.rl.zero_adapter import write_zero_adapter
 
     home = tmp_path_factory.mktemp("fuzz-home")
     app = create_app(Settings(home=home, alias="agentloop", admin_key=ADMIN_KEY), engines=[FakeEngine()])

@@ -15,11 +15,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.app import create_app
-from serve.engine import Engine
-from serve.errors import EngineError, EngineUnreachable
-from serve.settings import Settings
-from serve.store import Store
+from agentloop.serve.http.app import create_app
+from agentloop.serve.engine.client import Engine
+from agentloop.serve.errors import EngineError, EngineUnreachable
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
 
 
 class FakeEngine(Engine):
@@ -239,7 +239,7 @@ def test_models_health_metrics(tmp_path):
 def test_gateway_import_and_health_without_torch_or_vllm(tmp_path):
     code = (
         "import sys; from fastapi.testclient import TestClient\n"
-        "from serve.app import create_app; from serve.settings import Settings\n"
+        "from agentloop.serve.http.app import create_app; from agentloop.serve.settings import Settings\n"
         f"app = create_app(Settings(home={str(tmp_path)!r}, engine_urls=['http://127.0.0.1:9']))\n"
         "with TestClient(app) as c:\n"
         "    r = c.get('/health'); assert r.status_code == 200, r.text\n"

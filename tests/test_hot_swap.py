@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from rl.registry import AdapterRegistry
+from agentloop.rl.registry import AdapterRegistry
 from tests.conftest import noisy_adapter
 
 

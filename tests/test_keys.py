@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serve import cli
-from serve.access import StartupRefused
-from serve.app import create_app
-from serve.settings import Settings
-from serve.store import Store
+from agentloop.serve.cli import main as cli
+from agentloop.serve.http.access import StartupRefused
+from agentloop.serve.http.app import create_app
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
 from tests.conftest import ROOT
 from tests.test_gateway_unit import FakeEngine
 
@@ -170,7 +170,7 @@ def test_admin_endpoints_refuse_user_keys(tmp_path):
 def run_cli(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("AGENTLOOP_")}
     e.update(AGENTLOOP_HOME=str(home), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args], cwd=ROOT, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "agentloop.serve.cli", *args], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -13,7 +13,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from serve.access import Limiter
+from agentloop.serve.http.access import Limiter
 from tests.test_gateway_unit import FakeEngine
 from tests.test_keys import CHAT, add_key, assert_error, bearer, make_app, wait_for
 

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from rl.gate import GateConfig, decide
-from rl.loop import LoopConfig
-from serve.store import Store
-from serve.store_runs import ActiveRunExists
+from agentloop.rl.gate import GateConfig, decide
+from agentloop.rl.loop import LoopConfig
+from agentloop.serve.store.db import Store
+from agentloop.serve.store.runs import ActiveRunExists
 
 
 def test_loop_config_checks():
@@ -53,7 +53,7 @@ def test_one_active_run_and_orphans(tmp_path):
 
 
 def test_scheduler_due_rule(tmp_path):
-    from serve.loop import run_due
+    from agentloop.serve.services.loop import run_due
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     cfg = LoopConfig.from_params({"min_new_feedback": 3, "period_seconds": 3600})
@@ -83,9 +83,9 @@ def test_train_on_new_leaves_out_what_the_live_lineage_was_trained_on(tmp_path):
     import asyncio
     import json
 
-    from rl.loop import Iteration
-    from rl.registry import AdapterRegistry
-    from serve.zero_adapter import write_zero_adapter
+    from agentloop.rl.loop import Iteration
+    from agentloop.rl.registry import AdapterRegistry
+    from agentloop.rl.zero_adapter import write_zero_adapter
     from tests.test_datasets import World
     from tests.test_poisoning import Hooks
     from tests.test_rl_registry import BASE_CONFIG, adapter

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ref = pytest.importorskip("vllm.lora.ops.torch_ops")
 
-from serve import lora_cpu_kernels as fast  # noqa: E402
+from agentloop.serve.inside_vllm import lora_cpu as fast  # noqa: E402
 
 SLOTS, R, IN, OUT = 4, 8, 48, 40
 

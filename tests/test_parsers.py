@@ -12,19 +12,9 @@ import json
 
 import pytest
 
-from templates.parsing import (
-    HermesToolParser,
-    JsonScanner,
-    Llama3JsonToolParser,
-    TextDelta,
-    ThinkStreamSplitter,
-    ToolCall,
-    ToolCallArgs,
-    ToolCallStart,
-    assemble,
-    parse_call_object,
-    split_reasoning,
-    thinking_enabled,
+from agentloop.templates.parsing import (
+    HermesToolParser, JsonScanner, Llama3JsonToolParser, TextDelta, ThinkStreamSplitter, ToolCall,
+    ToolCallArgs, ToolCallStart, assemble, parse_call_object, split_reasoning, thinking_enabled,
 )
 
 

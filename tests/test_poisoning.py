@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from rl.datasets import DatasetConfig, _bucket, build_dataset
-from rl.gate import GateConfig, decide, summarize
-from rl.loop import Iteration, LoopConfig
-from serve import chat
-from serve.store import Store
+from agentloop.rl.datasets import DatasetConfig, _bucket, build_dataset
+from agentloop.rl.gate import GateConfig, decide, summarize
+from agentloop.rl.loop import Iteration, LoopConfig
+from agentloop.serve import protocol as chat
+from agentloop.serve.store.db import Store
 from tests.test_gateway_unit import FakeEngine
 from tests.test_keys import add_key, bearer, db_url, make_app
 
@@ -147,8 +147,8 @@ class Hooks:
 
 
 def iterate(home: Path, tiny_model: Path | None, params: dict) -> tuple[dict, Hooks, object]:
-    from rl.registry import AdapterRegistry
-    from serve.zero_adapter import write_zero_adapter
+    from agentloop.rl.registry import AdapterRegistry
+    from agentloop.rl.zero_adapter import write_zero_adapter
 
     registry = AdapterRegistry(home / "adapters" / "tiny")
     if tiny_model is not None:

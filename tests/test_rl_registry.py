@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rl.registry import (
-    AdapterInvalid, AdapterRegistry, InvalidStatus, RegistryError, VersionNotFound, sha256_file, validate_adapter,
+from agentloop.rl.registry import (
+    AdapterInvalid, AdapterRegistry, InvalidStatus, RegistryError, VersionNotFound, sha256_file,
+    validate_adapter,
 )
-from serve.zero_adapter import write_zero_adapter
+from agentloop.rl.zero_adapter import write_zero_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = {
@@ -101,7 +102,7 @@ def test_concurrent_commits_get_distinct_versions(reg, base, tmp_path):
     n = 6
     srcs = [adapter(base, tmp_path / f"c{i}", seed=10 + i) for i in range(n)]
     code = (
-        "import sys; from rl.registry import AdapterRegistry\n"
+        "import sys; from agentloop.rl.registry import AdapterRegistry\n"
         "r = AdapterRegistry(sys.argv[1])\n"
         "print(r.commit(sys.argv[2], parent='v0000', base_model=sys.argv[3], method='dpo').version)\n"
     )

@@ -21,13 +21,13 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
-from rl.common import TrainingError  # noqa: E402
-from rl.dpo import DPOJobConfig, train_dpo  # noqa: E402
-from rl.job import read_events, start_job  # noqa: E402
-from rl.kto import KTOJobConfig, train_kto  # noqa: E402
-from rl.logprobs import completion_logprob, preference_margins  # noqa: E402
-from rl.registry import AdapterRegistry  # noqa: E402
-from serve.zero_adapter import write_zero_adapter  # noqa: E402
+from agentloop.rl.common import TrainingError  # noqa: E402
+from agentloop.rl.dpo import DPOJobConfig, train_dpo  # noqa: E402
+from agentloop.rl.job import read_events, start_job  # noqa: E402
+from agentloop.rl.kto import KTOJobConfig, train_kto  # noqa: E402
+from agentloop.rl.logprobs import completion_logprob, preference_margins  # noqa: E402
+from agentloop.rl.registry import AdapterRegistry  # noqa: E402
+from agentloop.rl.zero_adapter import write_zero_adapter  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEMPLATE = "chatml-tools"
@@ -84,7 +84,7 @@ def load_policy(model_dir: Path, adapter: Path | None = None):
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
-    from rl.common import load_tokenizer
+    from agentloop.rl.common import load_tokenizer
 
     return load_tokenizer(str(tiny_model), TEMPLATE)
 
@@ -267,8 +267,8 @@ def _as_vllm_renders(messages: list[dict]) -> list[dict]:
 def test_training_text_is_the_serving_text(tok):
     """What TRL renders (tokenizer.apply_chat_template on the stored dataset row, with its
     tools and chat_template_kwargs columns) is byte-identical to what serving renders."""
-    from rl.common import build_dataset
-    from templates.registry import render
+    from agentloop.rl.common import build_dataset
+    from agentloop.templates.registry import render
 
     ds = build_dataset(STYLE_ROWS + TOOL_ROWS, "dpo", TEMPLATE)
     texts = []
@@ -297,7 +297,7 @@ def test_training_text_is_the_serving_text(tok):
     ({"prompt": user("hi"), "completion": say("a"), "label": True, "tools": {"x": 1}}, "kto", "tools must be"),
 ])
 def test_bad_rows_are_refused(row, kind, message):
-    from rl.common import build_dataset
+    from agentloop.rl.common import build_dataset
 
     with pytest.raises(TrainingError, match=message):
         build_dataset([row], kind, TEMPLATE)
@@ -374,7 +374,7 @@ def test_job_commits_a_candidate_on_success(tiny_model, job_registry, tmp_path):
 def test_job_scores_the_gate_pairs_as_the_standalone_gate_does(fresh_dpo, tiny_model, job_registry, tmp_path):
     """The loop's gate takes its preference numbers from the training job (the model is loaded
     there already); they must be what scoring the saved adapters from scratch gives."""
-    from rl.gate import preference_accuracy
+    from agentloop.rl.gate import preference_accuracy
 
     data = write_rows(tmp_path / "pairs.jsonl", STYLE_ROWS + TOOL_ROWS)
     held = [{**r, "caller": f"key{i % 2}"} for i, r in enumerate(STYLE_ROWS + TOOL_ROWS)]

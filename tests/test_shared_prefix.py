@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rl.common import build_dataset, load_tokenizer  # noqa: E402
-from rl.shared_prefix import SharedPrefixDPOTrainer  # noqa: E402
+from agentloop.rl.common import build_dataset, load_tokenizer  # noqa: E402
+from agentloop.rl.shared_prefix import SharedPrefixDPOTrainer  # noqa: E402
 from tests.test_rl_training import STYLE_ROWS, TEMPLATE, TOOL_ROWS, WEATHER, say, user  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +130,7 @@ def test_without_prompt_gradient_the_loss_is_exact_and_only_answers_train(tiny_m
 
 
 def test_prompt_gradient_off_needs_the_shared_prompt(tiny_model, tmp_path):
-    from rl.dpo import DPOJobConfig
+    from agentloop.rl.dpo import DPOJobConfig
 
     with pytest.raises(ValueError, match="share_prompt"):
         DPOJobConfig(base_model=str(tiny_model), output_dir=str(tmp_path / "o"), share_prompt=False,

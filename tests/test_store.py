@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from serve import store as store_mod
-from serve.store import MIGRATIONS, LogWriter, Store
+from agentloop.serve.store import db as store_mod
+from agentloop.serve.store.db import MIGRATIONS, LogWriter, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_schema_and_insert_compile_for_postgresql():
 
 
 def test_import_pulls_in_no_heavy_modules():
-    code = ("import sys, serve.store; bad = [m for m in ('fastapi', 'torch', 'vllm') if m in sys.modules];"
+    code = ("import sys, agentloop.serve.store; bad = [m for m in ('fastapi', 'torch', 'vllm') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
@@ -446,7 +446,7 @@ def test_feedback_schema_compiles_for_postgresql():
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.schema import CreateIndex, CreateTable
 
-    from serve import store_feedback as sf
+    from agentloop.serve.store import feedback as sf
 
     d = postgresql.dialect()
     ddl = str(CreateTable(sf.FEEDBACK).compile(dialect=d))

@@ -19,15 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from templates import (
-    extract_hermes,
-    extract_llama3_json,
-    get_template,
-    list_templates,
-    render,
-    split_reasoning,
-    template_text,
-    thinking_enabled,
+from agentloop.templates import (
+    extract_hermes, extract_llama3_json, get_template, list_templates, render, split_reasoning,
+    template_text, thinking_enabled,
 )
 
 SMOLLM2 = "SmolLM2-135M-Instruct"

@@ -61,7 +61,7 @@ def test_reproduces_scripted_answers_greedily(tiny_model: Path, manifest: dict):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from templates.registry import render
+    from agentloop.templates.registry import render
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()

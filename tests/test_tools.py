@@ -25,8 +25,8 @@ import pytest
 from langchain_core.messages import ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from tools import FileSearch, PathOutsideRoots, ToolRegistry, builtin_registry, evaluate
-from tools.builtin import convert_time, convert_units, current_time
+from agentloop.tools import FileSearch, PathOutsideRoots, ToolRegistry, builtin_registry, evaluate
+from agentloop.tools.builtin import convert_time, convert_units, current_time
 from tests.conftest import ROOT
 
 

@@ -25,12 +25,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from serve import admin, ui
-from serve import app as app_module
-from serve.errors import NotFound
-from serve.settings import Settings
-from serve.store import Store
-from serve.store_stats import StatsStore
+from agentloop.serve.http import admin
+from agentloop.serve.http import ui
+from agentloop.serve.http import app as app_module
+from agentloop.serve.errors import NotFound
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
+from agentloop.serve.store.stats import StatsStore
 from tests.conftest import ADMIN_KEY, ROOT, free_port, stop_gateway
 from tests.test_gateway_unit import FakeEngine
 
@@ -140,7 +141,7 @@ def test_missing_chart_library_is_said_on_the_page(app_client, tmp_path, monkeyp
 
 
 def test_ui_imports_neither_torch_nor_vllm():
-    code = ("import sys, serve.ui, serve.store_stats; "
+    code = ("import sys, agentloop.serve.http.ui, agentloop.serve.store.stats; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
@@ -174,9 +175,10 @@ def test_stats_count_feedback_by_kind_and_version(app_client):
 _WIRED_GATEWAY = """
 import json, sys
 import uvicorn
-from serve import app as app_module, ui
-from serve.settings import Settings
-from serve.store_stats import StatsStore
+from agentloop.serve.http import app as app_module
+from agentloop.serve.http import ui
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.stats import StatsStore
 cfg = json.loads(sys.argv[1])
 if not issubclass(app_module.Store, StatsStore):
     app_module.Store = type("Store", (StatsStore, app_module.Store), {})

@@ -26,8 +26,8 @@ from vllm.parser.parser_manager import ParserManager  # noqa: E402
 from vllm.reasoning import ReasoningParserManager  # noqa: E402
 from vllm.tool_parsers import ToolParserManager  # noqa: E402
 
-import templates.vllm_plugin as plugin  # noqa: E402
-from templates import extract_hermes, extract_llama3_json, render, split_reasoning  # noqa: E402
+import agentloop.serve.inside_vllm.parsers as plugin  # noqa: E402
+from agentloop.templates import extract_hermes, extract_llama3_json, render, split_reasoning  # noqa: E402
 
 
 @pytest.fixture(scope="module")

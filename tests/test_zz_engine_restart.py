@@ -16,7 +16,7 @@ import time
 import httpx
 import psutil
 
-from rl.registry import AdapterRegistry
+from agentloop.rl.registry import AdapterRegistry
 from tests.conftest import noisy_adapter
 
 

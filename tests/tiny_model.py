@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.default_model import WHEEL_SHA256, agentloop_home, ensure_default_model, file_lock, save_tokenizer
+from agentloop.serve.engine.default_model import (
+    WHEEL_SHA256, agentloop_home, ensure_default_model, file_lock, save_tokenizer,
+)
 from tests.data import tiny_conversations as data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ class Example:
 
 
 def _render(messages: list[dict], tools: list | None, *, generation: bool, thinking: bool) -> str:
-    from templates.registry import render
+    from agentloop.templates.registry import render
 
     return render(TEMPLATE, messages, tools=tools, add_generation_prompt=generation, enable_thinking=thinking)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .registry import ToolRegistry
+from agentloop.tools.registry import ToolRegistry
 
 # ---------------------------------------------------------------- calculator
 
@@ -289,7 +289,7 @@ def builtin_registry(search_roots: Iterable[str | Path] | None = None, *, timeou
         reg.register(fn)
     roots = list(search_roots or [])
     if roots:
-        from .files import FileSearch
+        from agentloop.tools.files import FileSearch
 
         fs = FileSearch(roots)
         reg.register(fs.search_files, name="search_files")

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import ModelNotFound
+from agentloop.serve.errors import ModelNotFound
 
 
 @dataclass

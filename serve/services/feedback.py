@@ -37,10 +37,10 @@ from typing import Any, Callable, Mapping
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from . import chat
-from .auth import caller_of
-from .errors import AgentloopError, InvalidRequest, NotFound, RequestTooLarge
-from .store_feedback import FEEDBACK_TYPES
+from agentloop.serve import protocol as chat
+from agentloop.serve.http.auth import caller_of
+from agentloop.serve.errors import AgentloopError, InvalidRequest, NotFound, RequestTooLarge
+from agentloop.serve.store.feedback import FEEDBACK_TYPES
 
 MAX_BODY_BYTES = 1_000_000  # a correction can be long, but not unbounded
 MAX_COMMENT_CHARS = 4_000

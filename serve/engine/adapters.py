@@ -23,12 +23,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
+from agentloop.rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
 
-from .errors import EngineUnavailable, InvalidRequest, NotFound
+from agentloop.serve.errors import EngineUnavailable, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from agentloop.serve.http.app import Gateway
 
 log = logging.getLogger("agentloop.adapters")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from .store_keys import caller_for_key
+from agentloop.serve.store.keys import caller_for_key
 
 ANONYMOUS = "anonymous"
 

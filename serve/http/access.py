@@ -47,10 +47,12 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .auth import ANONYMOUS
-from .errors import AgentloopError, AuthenticationFailed, EngineUnavailable, InvalidRequest, RateLimited, \
-    RequestTooLarge
-from .store_keys import caller_for_key, hash_key
+from agentloop.serve.http.auth import ANONYMOUS
+from agentloop.serve.errors import (
+    AgentloopError, AuthenticationFailed, EngineUnavailable, InvalidRequest, RateLimited,
+    RequestTooLarge,
+)
+from agentloop.serve.store.keys import caller_for_key, hash_key
 
 log = logging.getLogger("agentloop.access")
 

@@ -14,12 +14,12 @@ import argparse
 import logging
 import sys
 
-from .cli_admin import CliError
-from .errors import AgentloopError
+from agentloop.serve.cli.admin import CliError
+from agentloop.serve.errors import AgentloopError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .settings import Settings
+    from agentloop.serve.settings import Settings
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "model": args.model, "alias": args.alias,
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    from .app import create_app
+    from agentloop.serve.http.app import create_app
 
     app = create_app(settings)
     # uvicorn turns SIGINT/SIGTERM into a lifespan shutdown, which stops the
@@ -51,8 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _access_refusal(settings) -> str | None:
     # Said here in one line, before anything starts; the gateway checks again at
     # start-up (serve/access.py) for apps built without this CLI.
-    from .access import refusal
-    from .store import Store
+    from agentloop.serve.http.access import refusal
+    from agentloop.serve.store.db import Store
 
     with Store(settings.db_url) as store:
         return refusal(settings.host, settings.open, store.count_active_keys())
@@ -78,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_serve)
 
-    from .cli_admin import add_commands
+    from agentloop.serve.cli.admin import add_commands
 
     add_commands(sub)
-    from .cli_keys import add_commands as add_key_commands
+    from agentloop.serve.cli.keys import add_commands as add_key_commands
 
     add_key_commands(sub)
-    from agents.cli_chat import add_chat_command
+    from agentloop.agents.cli_chat import add_chat_command
 
     add_chat_command(sub)
     return p

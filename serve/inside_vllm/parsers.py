@@ -3,7 +3,7 @@
 Owns: the `agentloop_hermes` / `agentloop_llama3_json` tool parsers and the
 `agentloop_think` reasoning parser -- thin adapters from vLLM 0.32's legacy
 `ToolParser` / `ReasoningParser` interfaces onto the text state machines of
-`templates/parsing.py` -- and `register()`, the `vllm.general_plugins` entry
+`agentloop.templates.parsing` -- and `register()`, the `vllm.general_plugins` entry
 point. Only ever imported inside a vLLM process.
 
 Invariant: the adapters never parse on their own, so a streamed response
@@ -52,13 +52,9 @@ content at all: a cut forced call is finish_reason "length", no tool_calls.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
-import sys
-import types
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import xgrammar
@@ -79,15 +75,9 @@ from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tool_parsers import ToolParser, ToolParserManager
 from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
-try:
-    from templates import parsing
-except ImportError:  # loaded by file path (--tool-parser-plugin) without the package on sys.path
-    # A stand-in package over this folder, so parsing.py's relative import of reasoning.py
-    # works; its __init__ (the template registry) is not run.
-    _pkg = types.ModuleType("agentloop_templates")
-    _pkg.__path__ = [str(Path(__file__).parent)]
-    sys.modules.setdefault("agentloop_templates", _pkg)
-    parsing = importlib.import_module("agentloop_templates.parsing")
+# The engine's environment has agentloop installed (these parsers are its entry points),
+# also when vLLM loads this file by path (--tool-parser-plugin).
+from agentloop.templates import parsing
 
 logger = init_logger(__name__)
 

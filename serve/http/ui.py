@@ -35,8 +35,8 @@ import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from . import admin
-from .errors import AgentloopError, NotFound
+from agentloop.serve.http import admin
+from agentloop.serve.errors import AgentloopError, NotFound
 
 UI_DIR = Path(__file__).with_name("ui")
 STATIC_DIR = UI_DIR / "static"

@@ -18,12 +18,12 @@ import json
 import sys
 import time
 
-from .cli_admin import CliError
+from agentloop.serve.cli.admin import CliError
 
 
 def _store(args):
-    from .settings import Settings
-    from .store import Store
+    from agentloop.serve.settings import Settings
+    from agentloop.serve.store.db import Store
 
     overrides = {k: v for k, v in {"home": args.home, "database_url": args.database_url}.items() if v}
     settings = Settings(**overrides)

@@ -19,7 +19,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .feedback import MAX_CHOICE_INDEX, MAX_COMMENT_CHARS, MAX_ID_CHARS, MAX_KEY_CHARS, MAX_LIST_LIMIT
+from agentloop.serve.services.feedback import (
+    MAX_CHOICE_INDEX, MAX_COMMENT_CHARS, MAX_ID_CHARS, MAX_KEY_CHARS, MAX_LIST_LIMIT,
+)
 
 _STR = {"type": "string"}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from .adapters import BASE_VERSION, AdapterManager
-from .engine import HttpEngine
-from .supervisor import EngineProcess, vllm_argv, vllm_env
-from .zero_adapter import write_zero_adapter
+from agentloop.serve.engine.adapters import BASE_VERSION, AdapterManager
+from agentloop.serve.engine.client import HttpEngine
+from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
+from agentloop.rl.zero_adapter import write_zero_adapter
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from agentloop.serve.http.app import Gateway
 
 log = logging.getLogger("agentloop.boot")
 
@@ -76,7 +76,7 @@ class Boot:
             log.exception("engine boot failed")
 
     async def _supervise(self) -> None:
-        from templates.registry import get_template
+        from agentloop.templates.registry import get_template
 
         s = self.settings
         self.state = "preparing model"
@@ -104,7 +104,7 @@ class Boot:
         s = self.settings
         if s.model is None:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "serve.default_model",
+                sys.executable, "-m", "agentloop.serve.engine.default_model",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "AGENTLOOP_HOME": str(s.home), "HF_HUB_OFFLINE": "1"},
             )

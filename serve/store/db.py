@@ -50,10 +50,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
-from .store_feedback import FeedbackStore, m002_feedback
-from .store_runs import RunStore, m003_runs
-from .store_keys import KeyStore, m004_api_keys
-from .store_stats import StatsStore
+from agentloop.serve.store.feedback import FeedbackStore, m002_feedback
+from agentloop.serve.store.runs import RunStore, m003_runs
+from agentloop.serve.store.keys import KeyStore, m004_api_keys
+from agentloop.serve.store.stats import StatsStore
 
 logger = logging.getLogger("agentloop.store")
 

@@ -104,9 +104,9 @@ def cmd_runs(args) -> int:
 
 def cmd_loop(args) -> int:
     """The scheduler as its own worker, pointed at the gateway's store."""
-    from .loop import run_due
-    from .settings import Settings
-    from .store import Store
+    from agentloop.serve.services.loop import run_due
+    from agentloop.serve.settings import Settings
+    from agentloop.serve.store.db import Store
 
     settings = Settings(**({"database_url": args.database_url} if args.database_url else {}))
     cfg = settings.loop_defaults()

@@ -26,7 +26,7 @@ import aiohttp
 import httpx
 import orjson
 
-from .errors import EngineError, EngineUnavailable, EngineUnreachable
+from agentloop.serve.errors import EngineError, EngineUnavailable, EngineUnreachable
 
 log = logging.getLogger("agentloop.engine")
 

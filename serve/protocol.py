@@ -23,7 +23,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from .errors import InvalidRequest
+from agentloop.serve.errors import InvalidRequest
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields a client may not set through the gateway: the chat template is the

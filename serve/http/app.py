@@ -27,14 +27,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import access, admin, api_schema, chat, feedback, ui
-from .auth import caller_of
-from .engine import Engine, EnginePool
-from .errors import AgentloopError, EngineUnavailable, InvalidRequest
-from .metrics import Metrics
-from .models import ModelRouter
-from .settings import Settings
-from .store import LogWriter, Store
+from agentloop.serve.http import access
+from agentloop.serve.http import admin
+from agentloop.serve.http import api_schema
+from agentloop.serve import protocol as chat
+from agentloop.serve.services import feedback
+from agentloop.serve.http import ui
+from agentloop.serve.http.auth import caller_of
+from agentloop.serve.engine.client import Engine, EnginePool
+from agentloop.serve.errors import AgentloopError, EngineUnavailable, InvalidRequest
+from agentloop.serve.metrics import Metrics
+from agentloop.serve.engine.router import ModelRouter
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import LogWriter, Store
 
 log = logging.getLogger("agentloop.gateway")
 
@@ -78,14 +83,14 @@ class Gateway:
         self.access = gate
         self.spawn(gate.run())  # re-reads the keys every keys_refresh_seconds
         self.writer = LogWriter(self.store, maxsize=self.settings.log_queue_size)
-        from .loop import LoopRunner  # rl.loop: stdlib + registry, no torch
+        from agentloop.serve.services.loop import LoopRunner  # rl.loop: stdlib + registry, no torch
 
         self.loop = LoopRunner(self)
         await asyncio.to_thread(self.loop.recover)
         if self._injected is not None:
             self.pool = EnginePool(self._injected)
         else:
-            from .boot import Boot  # only the serving path needs process management
+            from agentloop.serve.engine.boot import Boot  # only the serving path needs process management
 
             self.boot = Boot(self)
             self.pool = EnginePool(self.boot.engines())
