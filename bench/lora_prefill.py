@@ -1,4 +1,4 @@
-"""LoRA prefill cost on the CPU engine: vLLM's own LoRA ops vs agentloop's (serve/lora_cpu_kernels.py).
+"""LoRA prefill cost on the CPU engine: vLLM's own LoRA ops vs agentloop's (serve/inside_vllm/lora_cpu.py).
 
 Starts a gateway (supervising one vLLM CPU server) on the default model twice in
 one run -- once with AGENTLOOP_LORA_CPU_KERNELS=0 (vLLM's reference ops), once

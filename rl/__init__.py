@@ -6,6 +6,6 @@ rl/common.py; a run is its own process (rl/job.py) and its only output is a
 new `candidate` version in the numbered adapter registry (rl/registry.py),
 which the gate later verifies and promotes to `live`.
 
-Invariant: nothing here imports fastapi or serve/app.py, and importing the
+Invariant: nothing here imports fastapi or serve/http/app.py, and importing the
 package (or rl.registry / rl.job) does not import torch.
 """

@@ -17,7 +17,7 @@ Invariants:
   * A run returns only if it changed the adapter's weights and left the
     reference untouched, and the saved folder passes `rl.registry.validate_adapter`
     -- so the registry never receives a no-op or unservable adapter.
-No fastapi, nothing from serve/app.py; torch & co are imported lazily so that
+No fastapi, nothing from serve/http/app.py; torch & co are imported lazily so that
 `rl.job` can report a bad spec without loading them.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from agentloop.rl.lora_shapes import DEFAULT_TARGET_MODULES
 from agentloop.rl.registry import DEFAULT_MAX_RANK, validate_adapter
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 
 OnLog = Callable[[int, dict], None]
 AfterTrain = Callable[[Any, Any], dict]
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what serve/zero_adapter.py targets
+DEFAULT_TARGETS = list(DEFAULT_TARGET_MODULES)  # what the zero adapter (v0000) targets
 # TRL's summary log at the end of train(): kept as the run summary, not a step.
 _SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
 

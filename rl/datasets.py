@@ -1,6 +1,6 @@
 """Training datasets from user feedback: DPO pairs and KTO examples, in TRL's format.
 
-What it owns: turning the store's feedback (serve/store_feedback.py) joined with
+What it owns: turning the store's feedback (agentloop.serve.store.feedback, through rl/schema.py LoopStore) joined with
 the logged completions into TRL's conversational datasets, and the policy for
 what gets in — split, dedupe, length limit, per-caller cap, excluded callers.
 
@@ -15,7 +15,7 @@ Both carry metadata columns (``source``, ``caller``, ``conversation_hash``,
 
 Invariants
 - A prompt renders exactly as the gateway rendered it: same messages, tools
-  and template kwargs (``enable_thinking`` is derived by serve.chat.prepare,
+  and template kwargs (``enable_thinking`` is derived by templates/reasoning.py request_template_kwargs,
   the gateway's own code, not a copy of its rule).
 - The split depends only on an example's conversation hash (and the salt): one
   conversation is never on both sides, and an example keeps its side across
@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from agentloop.serve import protocol as chat
+from agentloop.rl.schema import conversation_hash
+from agentloop.templates.reasoning import request_template_kwargs
 
 KINDS = ("dpo", "kto")
 SOURCES = {"dpo": ("pairwise", "correction", "thumbs"), "kto": ("thumbs", "rating", "correction")}
@@ -192,13 +193,9 @@ class DatasetBuild:
 # ---------------------------------------------------------------- row pieces
 
 def template_kwargs(request: dict[str, Any]) -> dict[str, Any]:
-    """The chat-template kwargs the gateway rendered ``request`` with.
-
-    Computed by serve.chat.prepare itself so training can never drift from
-    serving (e.g. how ``reasoning_effort`` maps to ``enable_thinking``).
-    """
-    req = chat.ChatRequest.model_construct(stream=False, chat_template_kwargs=request.get("chat_template_kwargs"))
-    return chat.prepare(request, req, "")["chat_template_kwargs"]
+    """The chat-template kwargs the gateway rendered ``request`` with: the same function
+    serving uses (agentloop.templates.reasoning), so training can never drift from it."""
+    return request_template_kwargs(request)
 
 
 def assistant_message(message: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -240,7 +237,7 @@ def _prompt(completion: dict[str, Any]) -> dict[str, Any]:
     req = completion["request"]
     return {"prompt": req["messages"], "tools": req.get("tools") or None,
             "chat_template_kwargs": template_kwargs(req),
-            "conversation_hash": completion.get("conversation_hash") or chat.conversation_hash(req)}
+            "conversation_hash": completion.get("conversation_hash") or conversation_hash(req)}
 
 
 def _canon(obj: Any) -> str:
@@ -515,7 +512,7 @@ class _Builder:
 
 
 def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any = None) -> DatasetBuild:
-    """Build a DPO or KTO dataset from ``store`` (a serve.store.Store) per ``config``.
+    """Build a DPO or KTO dataset from ``store`` (any rl.schema.LoopStore: the gateway's Store) per ``config``.
 
     ``tokenizer`` (optional, with ``apply_chat_template``) makes ``max_length``
     count real tokens of the rendered chat instead of the chars/4 estimate.

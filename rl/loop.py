@@ -3,7 +3,7 @@
 The orchestration only: datasets come from rl/datasets.py, training runs as
 its own process (rl/job.py), which also scores the gate's held-out pairs on
 the model it has loaded (rl/gate.py `score_loaded`), and everything that touches the serving engines goes through
-`LoopHooks` (the gateway implements them in serve/loop.py). Nothing here
+`LoopHooks` (the gateway implements them in serve/services/loop.py). Nothing here
 imports fastapi, and nothing heavy runs on the caller's event loop: blocking
 work is in subprocesses or worker threads.
 
@@ -33,6 +33,7 @@ from agentloop.rl.dpo import DPOJobConfig
 from agentloop.rl.gate import GateConfig, decide, load_regression_set, tool_validity
 from agentloop.rl.job import read_events, start_job
 from agentloop.rl.registry import AdapterRegistry, VersionNotFound
+from agentloop.rl.versions import alias_of, is_base, served_name
 
 log = logging.getLogger("agentloop.loop")
 
@@ -236,14 +237,14 @@ class Iteration:
     def _gate_adapter_path(self, version: str) -> str | None:
         m = self.registry.get(version)
         # The base adapter (v0000) is the reference itself: its margins are 0 by definition.
-        return None if m.parent is None and m.version == "v0000" else str(m.path)
+        return None if m.parent is None and is_base(m.version) else str(m.path)
 
     async def _gate(self, pref: dict, pref_seconds: float | None, live: str, cand_name: str) -> dict:
         """Decide on the job's preference scores and the tool-validity requests to the engine."""
         cfg = self.cfg.gate
         t = time.monotonic()
         cases = load_regression_set()
-        live_name = f"{cand_name.rsplit('@', 1)[0]}@{live}"
+        live_name = served_name(alias_of(cand_name), live)
         cand, live_v = await asyncio.gather(tool_validity(self.hooks.chat, cand_name, cases),
                                             tool_validity(self.hooks.chat, live_name, cases))
         tools = {"candidate": cand, "live": live_v}

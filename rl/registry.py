@@ -46,6 +46,9 @@ from typing import Iterator
 
 import numpy as np
 
+from agentloop.rl.lora_shapes import projection_shapes
+from agentloop.rl.versions import is_version, next_version, parse_version, version_number
+
 __all__ = [
     "AdapterRegistry", "Manifest", "AdapterInfo", "validate_adapter", "sha256_file",
     "RegistryError", "AdapterInvalid", "VersionNotFound", "InvalidStatus",
@@ -60,7 +63,6 @@ MANIFEST = "manifest.json"
 LOCK = ".registry.lock"
 TMP_PREFIX = ".tmp-"
 DEFAULT_MAX_RANK = 16  # the engine's --max-lora-rank
-_VERSION_RE = re.compile(r"^v(\d{4,})$")
 _CHUNK = 1 << 20
 # A foreign host's temp dir can't be checked for a live owner; it is only collected when this old.
 _FOREIGN_TMP_AGE = 24 * 3600.0
@@ -94,25 +96,7 @@ class InvalidStatus(RegistryError, ValueError):
 # ---------------------------------------------------------------- validation
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-# (in_features, out_features) of the projections of Llama-family decoders, from config.json.
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    hidden = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    inter = cfg.get("intermediate_size")
-    shapes = {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-    }
-    if inter:
-        shapes.update({"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)})
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -233,7 +217,7 @@ def validate_adapter(path: Path | str, *, max_rank: int = DEFAULT_MAX_RANK,
         base_cfg = json.loads((Path(base_model_dir) / "config.json").read_text())
         base_cfg = base_cfg.get("text_config", base_cfg)
         if "hidden_size" in base_cfg and "num_attention_heads" in base_cfg:
-            base_shapes, n_layers = _projection_shapes(base_cfg), base_cfg.get("num_hidden_layers")
+            base_shapes, n_layers = projection_shapes(base_cfg), base_cfg.get("num_hidden_layers")
 
     modules: dict[str, dict[str, list[int]]] = {}
     data = np.memmap(w_path, dtype=np.uint8, mode="r")
@@ -304,7 +288,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, path: Path | None = None) -> "Manifest":
-        """Tolerant: v0000 is written by serve/zero_adapter.py with only version/parent/base_model/status/reason."""
+        """Tolerant: v0000 is written by rl/zero_adapter.py with only version/parent/base_model/status/reason."""
         known = {f for f in cls.__dataclass_fields__ if f != "path"}
         m = cls(**{k: v for k, v in d.items() if k in known}, path=path)
         if not m.history:
@@ -318,7 +302,7 @@ class Manifest:
 
     @property
     def number(self) -> int:
-        return int(_VERSION_RE.match(self.version).group(1))
+        return version_number(self.version)
 
     def promoted_at(self) -> str:
         """When this version last became live ('' if never): orders two 'live' ones after a crash."""
@@ -422,20 +406,17 @@ class AdapterRegistry:
 
     def _numbers(self) -> list[int]:
         """Every taken number, including a numbered folder without a manifest (never reuse it)."""
-        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_RE.match(p.name)))
+        return sorted(version_number(p.name) for p in self.root.iterdir() if is_version(p.name))
 
     def next_version(self) -> str:
-        nums = self._numbers()
-        return f"v{(nums[-1] + 1 if nums else 0):04d}"
+        return next_version(self._numbers())
 
     @staticmethod
     def _name(version: str | int) -> str:
-        if isinstance(version, int):
-            return f"v{version:04d}"
-        version = version.rsplit("@", 1)[-1]  # accept the served name "agentloop@v0003"
-        if not _VERSION_RE.match(version):
-            raise VersionNotFound(version)
-        return version
+        try:
+            return parse_version(version)  # also the served name "agentloop@v0003"
+        except ValueError:
+            raise VersionNotFound(str(version)) from None
 
     def path(self, version: str | int) -> Path:
         return self.root / self._name(version)
@@ -547,7 +528,7 @@ class AdapterRegistry:
     def verify(self, version: str | int) -> Manifest:
         """Re-validate a version and re-hash its files against the manifest (before promotion).
 
-        A manifest with no recorded hash (v0000 from serve/zero_adapter.py) can
+        A manifest with no recorded hash (v0000 from rl/zero_adapter.py) can
         only be validated, not compared.
         """
         m = self.get(version)

@@ -21,22 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each target projection, from config.json."""
-    hidden = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-    }
-
+from agentloop.rl.lora_shapes import DEFAULT_TARGET_MODULES as TARGET_MODULES, projection_shapes
 
 def write_zero_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: int = 16, seed: int = 0) -> Path:
     """Write a PEFT LoRA adapter for `model_dir` whose delta is exactly zero.
@@ -48,7 +33,7 @@ def write_zero_adapter(model_dir: Path, out_dir: Path, *, r: int = 8, alpha: int
     if (out_dir / "adapter_config.json").exists():
         return out_dir
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    shapes = _shapes(cfg)
+    shapes = projection_shapes(cfg)
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
     for layer in range(cfg["num_hidden_layers"]):

@@ -1,7 +1,7 @@
 """Domain errors of agentloop, and their one translation to OpenAI's error shape.
 
 Invariant: code below the HTTP edge raises these (never HTTPException); the
-edge (serve/app.py, serve/cli.py) is the only place that turns them into a
+edge (serve/http/app.py, serve/cli/main.py) is the only place that turns them into a
 status code and `{"error": {"message", "type", "param", "code"}}`.
 """
 

@@ -1,6 +1,6 @@
 """Chat-completion request checking, OpenAI/vLLM differences, and stream assembly.
 
-The HTTP layer (serve/app.py) only converts; what a chat request means lives
+The HTTP layer (serve/http/app.py) only converts; what a chat request means lives
 here: which fields we accept, how `reasoning_effort` maps to the template's
 thinking switch, how a vLLM response is made OpenAI-shaped, and how a stream
 is assembled into the one response that the request log keeps.
@@ -14,7 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import uuid
@@ -24,6 +23,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from agentloop.serve.errors import InvalidRequest
+from agentloop.templates.reasoning import request_template_kwargs
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields a client may not set through the gateway: the chat template is the
@@ -65,13 +65,6 @@ def new_completion_id() -> tuple[str, str]:
     """(engine request id, completion id): vLLM names a response `chatcmpl-<request id>`."""
     rid = uuid.uuid4().hex
     return rid, f"chatcmpl-{rid}"
-
-
-def conversation_hash(body: dict[str, Any]) -> str:
-    """Stable hash of what was asked (messages and tools), for splits and dedupe."""
-    key = json.dumps({"messages": body.get("messages"), "tools": body.get("tools")},
-                     sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -129,7 +122,7 @@ def check_json_tree(body: Any) -> None:
             below += [v for v in children if type(v) in (dict, list)]
         level, depth = below, depth + 1
     try:
-        orjson.dumps(body)  # the encoder serve/engine.py sends bodies with
+        orjson.dumps(body)  # the encoder the engine client (serve/engine/client.py) sends bodies with
     except TypeError as e:  # orjson.JSONEncodeError
         raise InvalidRequest(f"The request body holds a value that cannot be passed on: {e}.") from None
 
@@ -180,13 +173,9 @@ def prepare(body: dict[str, Any], req: ChatRequest, served_model: str) -> dict[s
     """The body sent to the engine for a validated client body."""
     out = dict(body)
     out["model"] = served_model
-    ctk = dict(req.chat_template_kwargs or {})
-    effort = out.pop("reasoning_effort", None)
-    # OpenAI's reasoning_effort maps onto the template's thinking switch; an
-    # explicit chat_template_kwargs.enable_thinking wins.
-    if "enable_thinking" not in ctk:
-        ctk["enable_thinking"] = effort not in (None, "none")
-    out["chat_template_kwargs"] = ctk
+    # reasoning_effort becomes the template's thinking switch, as training renders it.
+    out["chat_template_kwargs"] = request_template_kwargs(body)
+    out.pop("reasoning_effort", None)
     if req.stream:
         opts = dict(req.stream_options or {})
         opts["include_usage"] = True

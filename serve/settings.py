@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     kvcache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for a supervised CPU engine.")
     max_model_len: int = Field(2048, description=(
         "Context length for a supervised engine. With attached engines set it to theirs: a max_tokens ceiling "
-        "below it caps requests that set no max_tokens (serve/access.py)."))
+        "below it caps requests that set no max_tokens (serve/services/access.py)."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, description="Seconds before an engine request is abandoned.")
     health_interval: float = Field(2.0, description="Seconds between engine health checks.")
     admin_key: str | None = Field(None, description="Bearer key for /admin endpoints (AGENTLOOP_ADMIN_KEY).")
-    # Access (serve/access.py). With at least one API key in the store every /v1
+    # Access (serve/services/access.py). With at least one API key in the store every /v1
     # request needs one; with none, /v1 is open only on a loopback address or
     # when `open` is set, and the gateway refuses to start otherwise.
     open: bool = Field(False, description=(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ThinkStreamSplitter", "partial_suffix", "split_reasoning", "thinking_enabled"]
+__all__ = ["ThinkStreamSplitter", "partial_suffix", "request_template_kwargs", "split_reasoning", "thinking_enabled"]
 
 
 def thinking_enabled(chat_template_kwargs: Mapping[str, Any] | None) -> bool:
@@ -33,6 +33,20 @@ def thinking_enabled(chat_template_kwargs: Mapping[str, Any] | None) -> bool:
     if effort is not None:
         return effort != "none"
     return False
+
+
+def request_template_kwargs(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The chat-template kwargs a chat request is rendered with, served or trained on.
+
+    OpenAI's `reasoning_effort` maps onto the template's thinking switch: any
+    effort but "none" turns it on; an explicit `chat_template_kwargs.enable_thinking`
+    wins. The gateway sends these to the engine and the dataset builder renders
+    logged requests with them, so training never drifts from serving.
+    """
+    kwargs = dict(request.get("chat_template_kwargs") or {})
+    if "enable_thinking" not in kwargs:
+        kwargs["enable_thinking"] = request.get("reasoning_effort") not in (None, "none")
+    return kwargs
 
 
 def partial_suffix(text: str, tag: str) -> int:

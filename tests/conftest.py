@@ -27,6 +27,39 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
 
 
+# Fixtures that bring up a real engine or model: a test using one is marked `engine`,
+# so `pytest -m "not engine"` runs the unit part alone (README, "Tests").
+ENGINE_FIXTURES = {"server", "tiny_model"}
+
+
+# Modules that load vLLM, torch or a model when imported or in every test (each also says
+# `pytestmark = pytest.mark.engine`). A run that leaves `engine` out does not even import
+# them: their imports alone cost ~17 s of collection on this machine.
+ENGINE_MODULES = {"test_default_model.py", "test_default_model_serving.py", "test_lora_bleed.py",
+                  "test_lora_kernels.py", "test_rl_training.py", "test_shared_prefix.py", "test_vllm_plugin.py"}
+
+
+def _engine_excluded(config) -> bool:
+    expr = config.getoption("markexpr") or ""
+    if "engine" not in expr:
+        return False
+    from _pytest.mark.expression import Expression  # pytest's own -m evaluator
+
+    return not Expression.compile(expr).evaluate(lambda name: name == "engine")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in ENGINE_MODULES and _engine_excluded(config):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

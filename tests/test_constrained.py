@@ -1,7 +1,7 @@
 """Schema-constrained tool calls through the gateway and the real vLLM engine (tiny model).
 
 Owns the end-to-end guarantees of the structural-tag decoding set up by
-templates/vllm_plugin.py: a forced call validates against its tool's schema
+serve/inside_vllm/parsers.py: a forced call validates against its tool's schema
 (nested objects, enums, arrays, anyOf, integers vs numbers), streamed or not;
 a forced call cut by max_tokens is finish_reason "length" with no call and no
 markup; in auto mode whatever comes back as a call validates, even for a

@@ -15,7 +15,7 @@ from agentloop.rl.datasets import (
     DatasetBuild, DatasetConfig, build_dataset, char_length, is_positive, kto_weights,
     template_kwargs,
 )
-from agentloop.serve import protocol as chat
+from agentloop.rl.schema import conversation_hash
 from agentloop.serve.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ class World:
         row = {"id": f"chatcmpl-{next(self.ids)}", "created_at": float(next(self.clock)), "caller": caller,
                "model": "agentloop", "stream": False, "status_code": status, "version": version,
                "request": request, "response": {"object": "chat.completion", "choices": choices},
-               "conversation_hash": chat.conversation_hash(request)}
+               "conversation_hash": conversation_hash(request)}
         self.store.insert_completions([row])
         return row
 

@@ -1,4 +1,4 @@
-"""Tests of serve/default_model.py: the embedded SmolLM2 default model on disk.
+"""Tests of serve/engine/default_model.py: the embedded SmolLM2 default model on disk.
 
 The real conversion runs at most once per agentloop home (`ensure_default_model`
 is idempotent), so these tests use the configured home and are cheap after the
@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from agentloop.serve.engine import default_model as dm
+
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

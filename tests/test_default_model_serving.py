@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import start_gateway, stop_gateway
 
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
+
 WEATHER = {
     "type": "function",
     "function": {

@@ -2,7 +2,7 @@
 
 The real AdapterManager, registry and router, and a fake engine that subclasses the real
 HttpEngine (only its two HTTP calls are replaced), so `sync_adapters` runs as in the gateway.
-Adapters are written with serve/zero_adapter.py for a small fake base model (no torch).
+Adapters are written with rl/zero_adapter.py for a small fake base model (no torch).
 The live-engine version of this (a real vLLM engine killed and restarted with an intact live
 adapter) is tests/test_zz_engine_restart.py.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -59,15 +58,14 @@ def setup(tmp_path: Path):
         save_file({k: (rng.normal(size=v.shape).astype(np.float32) * 0.01 if "lora_B" in k else v)
                    for k, v in w.items()}, str(src / "adapter_model.safetensors"))
         versions.append(reg.commit(src, parent="v0000", base_model=str(base), method="dpo"))
-    gw = SimpleNamespace(settings=SimpleNamespace(max_lora_rank=64), router=ModelRouter("agentloop"),
-                         base_model=str(base))
-    manager = AdapterManager(gw, reg.root)
+    router = ModelRouter("agentloop")
+    manager = AdapterManager(router, None, max_rank=64)
     live, canary = versions
-    manager.registry.set_status(live.version, "live", "promoted")
-    manager.restore()  # serves the base and the live version, as at start-up
-    gw.router.set_canary(gw.router.add_version(canary.version, str(canary.path)).name, 0.25)
-    engine = RestartedEngine(adapters=gw.router.adapters, reverify=manager.reverify)
-    return manager, gw.router, engine, live, canary
+    reg.set_status(live.version, "live", "promoted")
+    manager.bind(reg.root, base_model=str(base))  # serves the base and the live version, as at start-up
+    router.set_canary(router.add_version(canary.version, str(canary.path)).name, 0.25)
+    engine = RestartedEngine(adapters=router.adapters, reverify=manager.reverify)
+    return manager, router, engine, live, canary
 
 
 def test_intact_served_versions_are_loaded_again(tmp_path):

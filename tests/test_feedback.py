@@ -1,6 +1,6 @@
 """POST/GET /v1/feedback against the in-process app (fake engine, real SQLite in tmp_path).
 
-Pins the public contract of serve/feedback.py: each feedback type, durability
+Pins the public contract of serve/services/feedback.py: each feedback type, durability
 before the 200, idempotency, ownership (404 for others' completions), the
 OpenAI error shape for every bad body, and the list filters and cursor.
 """
@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from agentloop.serve.services import feedback
 from agentloop.serve.http.app import create_app
 from agentloop.serve.http.auth import caller_of
 from agentloop.serve.settings import Settings
@@ -44,9 +43,6 @@ class ChoicesEngine(FakeEngine):
 
 def make_client(tmp_path) -> TestClient:
     app = create_app(Settings(home=tmp_path, alias="agentloop"), engines=[ChoicesEngine()])
-    # The lead wires the router into serve/app.py; until then (or if it is), include it once.
-    if not any(getattr(r, "path", None) == "/v1/feedback" for r in app.routes):
-        app.include_router(feedback.router)
     app.state.gw.router.add_version("v0000", str(tmp_path / "adapters" / "v0000"), live=True)
     return TestClient(app)
 

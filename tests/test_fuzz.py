@@ -135,7 +135,6 @@ def inproc(tmp_path_factory):
     routes work) and a few logged completions (so feedback can reach the store)."""
     from schemathesis.python import asgi
 
-    from agentloop.serve.engine.adapters import AdapterManager
     from agentloop.rl.zero_adapter import write_zero_adapter
 
     home = tmp_path_factory.mktemp("fuzz-home")
@@ -148,9 +147,8 @@ def inproc(tmp_path_factory):
         {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 1}))
     root = home / "adapters" / "fuzz"
     write_zero_adapter(base, root / "v0000")
-    gw.adapters = AdapterManager(gw, root)
-    gw.adapters.restore()
     with asgi.get_client(app) as client:
+        gw.adapters.bind(root, base_model=str(base))  # what Boot does once it knows the base model
         # One conversation, so pairwise feedback across them can be accepted too.
         ids = [client.post("/v1/chat/completions", json={
             "model": "agentloop", "messages": [{"role": "user", "content": "hello"}], "n": 2}).json()["id"]

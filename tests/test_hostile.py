@@ -8,7 +8,7 @@ timeout) -- and the gateway stays healthy afterwards
 (`test_healthy_after_the_hostile_batch`, which runs last in this file).
 
 Which requests are logged: every chat request whose body parsed as a JSON
-object is in the request log, failed or not (serve/app.py); a body that is
+object is in the request log, failed or not (serve/http/app.py); a body that is
 not JSON, not UTF-8 or not Unicode, or nested too deeply, is refused before
 the log. Each logged case here carries a unique `user` marker, so its row is
 found without depending on how callers are named.

@@ -1,4 +1,4 @@
-"""User API keys, open mode and the admin boundary (serve/access.py, serve/store_keys.py, serve/cli_keys.py).
+"""User API keys, open mode and the admin boundary (serve/services/access.py, serve/store/keys.py, serve/cli/keys.py).
 
 In-process: the real app with a fake engine (tests/test_gateway_unit.py) and a
 real SQLite store in tmp_path, keys created through the store or the CLI —
@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agentloop.serve.cli import main as cli
-from agentloop.serve.http.access import StartupRefused
+from agentloop.serve.services.access import StartupRefused
 from agentloop.serve.http.app import create_app
 from agentloop.serve.settings import Settings
 from agentloop.serve.store.db import Store
@@ -92,7 +92,7 @@ def test_with_a_key_every_v1_request_needs_one(tmp_path):
             assert c.get(path).status_code == 200, path
         r = c.post("/v1/chat/completions", json=CHAT, headers=bearer(raw))
         assert r.status_code == 200
-        # A managed key's caller id is what serve/auth.py derives from any bearer: its
+        # A managed key's caller id is what serve/http/auth.py derives from any bearer: its
         # completions and feedback stay its own, and a key imported for an existing
         # bearer keeps that bearer's history.
         assert key["caller"] == "key-" + hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Per-key limits (serve/access.py): requests per minute, chat completions in flight,
+"""Per-key limits (serve/services/access.py): requests per minute, chat completions in flight,
 request body size and the max_tokens ceiling — against the real app with a fake
 engine, in process. Every refusal must be OpenAI-shaped, never a 5xx, and a
 refused body must never reach the engine or be read whole.
@@ -13,7 +13,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from agentloop.serve.http.access import Limiter
+from agentloop.serve.services.access import Limiter
 from tests.test_gateway_unit import FakeEngine
 from tests.test_keys import CHAT, add_key, assert_error, bearer, make_app, wait_for
 

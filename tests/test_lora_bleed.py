@@ -4,7 +4,7 @@ vLLM's CPU LoRA ops read the weights of a token of no adapter (index -1) from
 the last adapter slot, so a bare-base request batched with LoRA requests can get
 an adapter's weights. Two guards, each tested here: the gateway routes its alias
 through a zero-initialised adapter (every request in a batch is a LoRA request),
-and our vLLM plugin (serve/lora_cpu_kernels.py) replaces the ops with ones that
+and our vLLM plugin (serve/inside_vllm/lora_cpu.py) replaces the ops with ones that
 give no-adapter tokens exactly zero. The first test floods the engine with a
 deliberately different adapter while the alias is used; the second fills every
 adapter slot with such adapters and sends bare-base requests straight to the
@@ -18,6 +18,9 @@ import asyncio
 import httpx
 
 from tests.conftest import noisy_adapter
+import pytest
+
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
 
 PROBE = "bleed-probe"
 

@@ -1,4 +1,4 @@
-"""serve/lora_cpu_kernels.py against vLLM's reference CPU LoRA ops, on random batches.
+"""serve/inside_vllm/lora_cpu.py against vLLM's reference CPU LoRA ops, on random batches.
 
 For tokens of an adapter (index >= 0) the results must match the reference; for
 tokens of no adapter (index -1) the LoRA term must be exactly zero, where the
@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch")
 ref = pytest.importorskip("vllm.lora.ops.torch_ops")
 
 from agentloop.serve.inside_vllm import lora_cpu as fast  # noqa: E402
+
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
 
 SLOTS, R, IN, OUT = 4, 8, 48, 40
 

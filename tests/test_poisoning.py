@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from agentloop.rl.datasets import DatasetConfig, _bucket, build_dataset
 from agentloop.rl.gate import GateConfig, decide, summarize
 from agentloop.rl.loop import Iteration, LoopConfig
-from agentloop.serve import protocol as chat
+from agentloop.rl.schema import conversation_hash
 from agentloop.serve.store.db import Store
 from tests.test_gateway_unit import FakeEngine
 from tests.test_keys import add_key, bearer, db_url, make_app
@@ -56,7 +56,7 @@ class ScriptedEngine(FakeEngine):
 
 def held_out(prompt: str, percent: int = 20) -> bool:
     """Whether the loop's split (by conversation hash, rl/datasets.py) holds this prompt out."""
-    return _bucket(chat.conversation_hash({"messages": [{"role": "user", "content": prompt}]}), "") < percent
+    return _bucket(conversation_hash({"messages": [{"role": "user", "content": prompt}]}), "") < percent
 
 
 def honest_prompts(key_index: int) -> list[str]:

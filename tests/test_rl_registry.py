@@ -1,6 +1,6 @@
 """rl/registry.py: numbered versions, atomic commits, validation, statuses, leftovers, verify.
 
-No torch here: adapters are written with serve/zero_adapter.py (numpy) for a
+No torch here: adapters are written with rl/zero_adapter.py (numpy) for a
 small fake base model whose config.json is all the registry reads.
 """
 
@@ -40,7 +40,7 @@ def base(tmp_path) -> Path:
 @pytest.fixture
 def reg(tmp_path, base) -> AdapterRegistry:
     r = AdapterRegistry(tmp_path / "adapters" / "tiny-slug")
-    write_zero_adapter(base, r.root / "v0000")  # what serve/boot.py writes
+    write_zero_adapter(base, r.root / "v0000")  # what serve/engine/boot.py writes
     return r
 
 

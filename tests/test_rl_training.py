@@ -29,6 +29,8 @@ from agentloop.rl.logprobs import completion_logprob, preference_margins  # noqa
 from agentloop.rl.registry import AdapterRegistry  # noqa: E402
 from agentloop.rl.zero_adapter import write_zero_adapter  # noqa: E402
 
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEMPLATE = "chatml-tools"
 CHOSEN, REJECTED = "Certainly! Tell me what you need.", "Sure. What should I check?"

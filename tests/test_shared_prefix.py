@@ -19,6 +19,8 @@ from agentloop.rl.common import build_dataset, load_tokenizer  # noqa: E402
 from agentloop.rl.shared_prefix import SharedPrefixDPOTrainer  # noqa: E402
 from tests.test_rl_training import STYLE_ROWS, TEMPLATE, TOOL_ROWS, WEATHER, say, user  # noqa: E402
 
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -1,4 +1,4 @@
-"""Tests for serve/store.py on real SQLite files (tmp_path)."""
+"""Tests for serve/store/db.py on real SQLite files (tmp_path)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from agentloop.serve.store import db as store_mod
-from agentloop.serve.store.db import MIGRATIONS, LogWriter, Store
+from agentloop.serve.store.db import MIGRATIONS, Store
+from agentloop.serve.store.logwriter import LogWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -423,7 +424,7 @@ def test_flush_returns_promptly(store: Store):
     w.close()
 
 
-# ---------------------------------------------------------------- feedback (serve/store_feedback.py)
+# ---------------------------------------------------------------- feedback (serve/store/feedback.py)
 
 def fb(i: int | str, **kw) -> dict:
     base = {"id": f"fb-{i}", "caller": "alice", "type": "thumbs", "completion_id": "cmpl-1", "value": 1,

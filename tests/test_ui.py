@@ -1,4 +1,4 @@
-"""The web UI (serve/ui.py, serve/ui/): the chat page and the loop dashboard.
+"""The web UI (serve/http/ui.py, serve/ui/): the chat page and the loop dashboard.
 
 Two layers. In-process tests (fake engine, milliseconds) pin the HTTP contract:
 the admin login and its session cookie, `/admin` for scripts, static files,
@@ -25,13 +25,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from agentloop.serve.http import admin
+from agentloop.serve.http import admin_auth as admin
 from agentloop.serve.http import ui
 from agentloop.serve.http import app as app_module
 from agentloop.serve.errors import NotFound
 from agentloop.serve.settings import Settings
 from agentloop.serve.store.db import Store
-from agentloop.serve.store.stats import StatsStore
 from tests.conftest import ADMIN_KEY, ROOT, free_port, stop_gateway
 from tests.test_gateway_unit import FakeEngine
 
@@ -44,18 +43,12 @@ GREETING = "Hello! How can I help you today?"
 TIMEOUT_MS = 60_000  # a CPU engine shared with the rest of the suite can be slow to start answering
 
 
-def _with_stats(store_cls):
-    """serve.store.Store, with the StatsStore mixin if the lead has not added it to its bases yet."""
-    return store_cls if issubclass(store_cls, StatsStore) else type("Store", (StatsStore, store_cls), {})
-
-
 # ---------------------------------------------------------------- in-process (fake engine)
 
 @pytest.fixture
 def app_client(tmp_path, monkeypatch):
-    monkeypatch.setattr(app_module, "Store", _with_stats(app_module.Store))
     app = app_module.create_app(Settings(home=tmp_path, admin_key=ADMIN_KEY), engines=[FakeEngine()])
-    # The lead wires ui.router into serve/app.py; until then, include it here.
+    # The lead wires ui.router into serve/http/app.py; until then, include it here.
     if not any(getattr(r, "path", None) == "/admin/stats" for r in app.routes):
         app.include_router(ui.router)
     with TestClient(app) as c:
@@ -169,7 +162,7 @@ def test_stats_count_feedback_by_kind_and_version(app_client):
 
 # ---------------------------------------------------------------- browser, against the real server
 
-# A second gateway for when serve/app.py does not include ui.router yet: same
+# A second gateway for when serve/http/app.py does not include ui.router yet: same
 # engine (attached), same store and adapters, with the UI and the stats mixin
 # wired in exactly as the lead will wire them.
 _WIRED_GATEWAY = """
@@ -178,10 +171,7 @@ import uvicorn
 from agentloop.serve.http import app as app_module
 from agentloop.serve.http import ui
 from agentloop.serve.settings import Settings
-from agentloop.serve.store.stats import StatsStore
 cfg = json.loads(sys.argv[1])
-if not issubclass(app_module.Store, StatsStore):
-    app_module.Store = type("Store", (StatsStore, app_module.Store), {})
 app = app_module.create_app(Settings(**cfg["settings"]))
 if not any(getattr(r, "path", None) == "/admin/stats" for r in app.routes):
     app.include_router(ui.router)

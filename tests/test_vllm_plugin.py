@@ -1,4 +1,4 @@
-"""templates/vllm_plugin.py inside vLLM 0.32, in-process (no server).
+"""serve/inside_vllm/parsers.py inside vLLM 0.32, in-process (no server).
 
 Drives the parsers with the real SmolLM2 tokenizer and real ChatCompletionRequests,
 token by token the way vLLM's chat server does (text and ids per delta, the stop
@@ -28,6 +28,8 @@ from vllm.tool_parsers import ToolParserManager  # noqa: E402
 
 import agentloop.serve.inside_vllm.parsers as plugin  # noqa: E402
 from agentloop.templates import extract_hermes, extract_llama3_json, render, split_reasoning  # noqa: E402
+
+pytestmark = pytest.mark.engine  # loads a real model or vLLM itself (README, "Tests")
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +140,14 @@ def test_register_is_idempotent_and_plugin_file_loads_by_path(monkeypatch):
     assert ToolParserManager.get_tool_parser("agentloop_hermes") is plugin.AgentloopHermesToolParser
     assert ToolParserManager.get_tool_parser("agentloop_llama3_json") is plugin.AgentloopLlama3JsonToolParser
     assert ReasoningParserManager.get_reasoning_parser("agentloop_think") is plugin.AgentloopThinkReasoningParser
-    # --tool-parser-plugin <file>: imported by path, even without the package importable.
-    monkeypatch.setitem(sys.modules, "templates", None)
+    # --tool-parser-plugin <file>: imported by path (agentloop is installed where the engine runs).
     try:
         ToolParserManager.import_tool_parser(str(Path(plugin.__file__)))
         by_path = ToolParserManager.get_tool_parser("agentloop_hermes")
-        assert by_path is not plugin.AgentloopHermesToolParser and by_path.__module__ == "vllm_plugin"
+        assert by_path is not plugin.AgentloopHermesToolParser and by_path.__module__ == "parsers"
         assert by_path.parser_cls.extract(T)[1][0].name == "get_time"
     finally:
-        sys.modules.pop("vllm_plugin", None)
+        sys.modules.pop("parsers", None)
         plugin.register()
     assert ToolParserManager.get_tool_parser("agentloop_hermes") is plugin.AgentloopHermesToolParser
 

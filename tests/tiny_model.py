@@ -1,7 +1,7 @@
 """The tiny deterministic test model: built here, from random init, on scripted conversations.
 
 Owns: turning tests/data/tiny_conversations.py into a few-MB Llama checkpoint
-(on the SmolLM2 tokenizer of serve/default_model.py) that reproduces every
+(on the SmolLM2 tokenizer of serve/engine/default_model.py) that reproduces every
 scripted assistant turn exactly under greedy decoding, plus the
 `tiny_manifest.json` beside the weights that tells tests what to expect.
 

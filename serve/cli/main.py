@@ -2,7 +2,7 @@
 
 Commands: serve; chat (a terminal chat with feedback, agents/cli_chat.py); the
 admin commands train, promote, rollback, canary, adapters, runs, loop
-(serve/cli_admin.py); and keys (user API keys, serve/cli_keys.py).
+(serve/cli/admin.py); and keys (user API keys, serve/cli/keys.py).
 
 Invariant: `agentloop serve` with no arguments serves the embedded default
 model on 127.0.0.1; every flag has an AGENTLOOP_* environment twin.
@@ -50,8 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _access_refusal(settings) -> str | None:
     # Said here in one line, before anything starts; the gateway checks again at
-    # start-up (serve/access.py) for apps built without this CLI.
-    from agentloop.serve.http.access import refusal
+    # start-up (serve/services/access.py) for apps built without this CLI.
+    from agentloop.serve.services.access import refusal
     from agentloop.serve.store.db import Store
 
     with Store(settings.db_url) as store:

@@ -21,34 +21,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from agentloop.rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
-
+from agentloop.rl.versions import BASE_VERSION, version_of
+from agentloop.serve.engine.client import EnginePool
+from agentloop.serve.engine.router import ServedVersions
 from agentloop.serve.errors import EngineUnavailable, InvalidRequest, NotFound
-
-if TYPE_CHECKING:
-    from agentloop.serve.http.app import Gateway
 
 log = logging.getLogger("agentloop.adapters")
 
-BASE_VERSION = "v0000"
-
 
 class AdapterManager:
-    def __init__(self, gw: "Gateway", root):
-        self.gw = gw
-        self.registry = AdapterRegistry(root, max_rank=gw.settings.max_lora_rank)
+    """Adapter residency for one gateway: its router's served set, loaded into its engine pool.
+
+    Built unbound by the composition root (serve/compose.py); `bind` gives it the
+    registry once the base model is known (serve/engine/boot.py), and until then
+    every operation answers 503. Everything that changes what is served goes
+    through `promote`, `rollback`, `set_canary`, `load_candidate`/`drop_candidate`
+    and `reverify`, so a store-backed implementation (several gateways) can take
+    this one's place behind the same methods; `router` is a `ServedVersions`.
+    """
+
+    def __init__(self, router: ServedVersions, pool: EnginePool | None, *, max_rank: int):
+        self.router = router
+        self.pool = pool
+        self.max_rank = max_rank
+        self.registry: AdapterRegistry | None = None
+        self.base_model: str | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
 
     @property
-    def router(self):
-        return self.gw.router
+    def bound(self) -> bool:
+        return self.registry is not None
+
+    def bind(self, root: Path | str, base_model: str | None) -> None:
+        """Serve from the registry of `base_model`'s adapters at `root` (v0000 already written)."""
+        self.registry = AdapterRegistry(root, max_rank=self.max_rank)
+        self.base_model = base_model
+        self.restore()
+
+    def _registry(self) -> AdapterRegistry:
+        if self.registry is None:
+            raise EngineUnavailable("Adapters are not available yet; retry shortly.", retry_after=10)
+        return self.registry
 
     def restore(self) -> None:
         """At start-up: serve the base and whatever the registry says is live (if it still verifies)."""
-        base = self.registry.get(BASE_VERSION)
+        base = self._registry().get(BASE_VERSION)
         self.router.add_version(BASE_VERSION, str(base.path))
         live = self._verified_live()
         if live is not None:
@@ -86,6 +107,8 @@ class AdapterManager:
         not be loaded; the engine then looks at the (changed) served set again.
         The base is our own zero adapter, rewritten at every start: not re-hashed.
         """
+        if self.registry is None:
+            return True  # nothing promoted can be served before the registry is bound
         v = self.router.versions.get(name)
         if v is None:
             return False  # no longer served (retired meanwhile)
@@ -113,7 +136,7 @@ class AdapterManager:
 
     def _manifest(self, version: str):
         try:
-            return self.registry.verify(version)
+            return self._registry().verify(version)
         except VersionNotFound:
             raise NotFound(f"No adapter version {version!r}.", param="version", code="version_not_found")
         except AdapterInvalid as e:
@@ -124,14 +147,14 @@ class AdapterManager:
     async def _load(self, version: str):
         """Verify and load `version` into every ready engine; register it with the router."""
         m = self._manifest(version)
-        if m.base_model and self.gw.base_model and str(m.base_model) != str(self.gw.base_model):
-            raise InvalidRequest(f"Adapter {version} was trained for {m.base_model}, not {self.gw.base_model}.",
+        if m.base_model and self.base_model and str(m.base_model) != str(self.base_model):
+            raise InvalidRequest(f"Adapter {version} was trained for {m.base_model}, not {self.base_model}.",
                                  param="version", code="adapter_incompatible")
         name = self.router.name_of(m.version)
-        if not self.gw.pool.ready:
+        if self.pool is None or not self.pool.ready:
             raise EngineUnavailable()
         try:
-            await self.gw.pool.load_adapter(name, str(m.path))
+            await self.pool.load_adapter(name, str(m.path))
         except EngineUnavailable:
             raise
         except Exception as e:
@@ -141,6 +164,24 @@ class AdapterManager:
                                  code="adapter_invalid") from e
         return m, self.router.add_version(m.version, str(m.path))
 
+    async def load_candidate(self, version: str) -> str:
+        """Load `version` beside the served ones without routing the alias to it (the loop's
+        gate talks to it by its served name, which this returns)."""
+        async with self._lock:
+            _, v = await self._load(version)
+            return v.name
+
+    async def drop_candidate(self, name: str) -> None:
+        """Unload a candidate `load_candidate` loaded, unless it became the live, canary or base version."""
+        async with self._lock:
+            if name in self._kept():
+                return
+            self.router.versions.pop(name, None)
+            await self._unload_quietly(name)
+
+    def _kept(self) -> tuple:
+        return (self.router.live, self.router.canary and self.router.canary[0], self.router.name_of(BASE_VERSION))
+
     async def promote(self, version: str, reason: str = "promoted") -> dict:
         async with self._lock:
             m, v = await self._load(version)
@@ -149,7 +190,7 @@ class AdapterManager:
             log.info("alias %s now serves %s (was %s)", self.router.alias, v.name, old)
             if old and old != v.name:
                 self._retire_later(old)
-            return {"version": m.version, "previous": old and old.rsplit("@", 1)[-1], "status": "live"}
+            return {"version": m.version, "previous": old and version_of(old), "status": "live"}
 
     async def rollback(self, version: str) -> dict:
         return await self.promote(version, reason="rollback")
@@ -169,7 +210,7 @@ class AdapterManager:
             if old and (not self.router.canary or self.router.canary[0] != old):
                 self._retire_later(old)
             c = self.router.canary
-            return {"version": c[0].rsplit("@", 1)[-1] if c else None, "share": c[1] if c else 0.0}
+            return {"version": version_of(c[0]) if c else None, "share": c[1] if c else 0.0}
 
     def _retire_later(self, name: str) -> None:
         task = asyncio.create_task(self._retire(name))
@@ -180,8 +221,7 @@ class AdapterManager:
         """Unload a replaced version once the requests that started on it are done."""
         await self.router.wait_drained(name)
         async with self._lock:
-            if name in (self.router.live, self.router.canary and self.router.canary[0],
-                        self.router.name_of(BASE_VERSION)):
+            if name in self._kept():
                 return  # it came back (rollback) while draining
             self.router.remove(name)
             await self._unload_quietly(name)
@@ -189,13 +229,13 @@ class AdapterManager:
 
     async def _unload_quietly(self, name: str) -> None:
         try:
-            await self.gw.pool.unload_adapter(name)
+            await self.pool.unload_adapter(name)
         except Exception as e:  # not loaded there, or the engine is down: nothing to undo
             log.debug("unload %s: %s", name, e)
 
     def list(self) -> list[dict]:
         out = []
-        for m in self.registry.list():
+        for m in self._registry().list():
             d = m.to_dict()
             d["served"] = self.router.name_of(m.version) in self.router.versions
             out.append(d)

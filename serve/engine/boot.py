@@ -1,7 +1,7 @@
 """Bringing engines up: the model folder, the base adapter, the vLLM process.
 
 Two modes. Supervised (default): make sure the model is on disk (the embedded
-default is unpacked and converted by `python -m serve.default_model` in a
+default is unpacked and converted by `python -m agentloop.serve.engine.default_model` in a
 subprocess, so the gateway never imports torch), write the zero adapter that
 stands for the base model, then start and watch a loopback vLLM server.
 Attached (`--engine-url`, repeatable): vLLM servers already run; we only learn
@@ -20,17 +20,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 
-from agentloop.serve.engine.adapters import BASE_VERSION, AdapterManager
-from agentloop.serve.engine.client import HttpEngine
-from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
+from agentloop.rl.versions import BASE_VERSION
 from agentloop.rl.zero_adapter import write_zero_adapter
-
-if TYPE_CHECKING:
-    from agentloop.serve.http.app import Gateway
+from agentloop.serve.engine.adapters import AdapterManager
+from agentloop.serve.engine.client import Engine, EnginePool, HttpEngine, Reverify
+from agentloop.serve.engine.router import ServedVersions
+from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
+from agentloop.serve.settings import Settings
+from agentloop.templates.registry import get_template
 
 log = logging.getLogger("agentloop.boot")
 
@@ -41,27 +41,22 @@ def model_slug(model: str) -> str:
     return f"{tail}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
+def http_engines(settings: Settings, router: ServedVersions, reverify: Reverify) -> list[Engine]:
+    """The engines a gateway reaches: `--engine-url`s, or the one it supervises on loopback."""
+    urls = settings.engine_urls or [f"http://127.0.0.1:{settings.engine_port}"]
+    return [HttpEngine(u, adapters=router.adapters, request_timeout=settings.request_timeout,
+                       health_interval=settings.health_interval, reverify=reverify) for u in urls]
+
+
 class Boot:
-    def __init__(self, gw: "Gateway"):
-        self.gw = gw
-        self.settings = gw.settings
+    """Brings the pool's engines up and binds the adapter manager to the base model's registry."""
+
+    def __init__(self, settings: Settings, pool: EnginePool, adapters: AdapterManager):
+        self.settings = settings
+        self.pool = pool
+        self.adapters = adapters
         self.state = "pending"
         self.process: EngineProcess | None = None
-        self._engines: list[HttpEngine] = []
-
-    def engines(self) -> list[HttpEngine]:
-        s = self.settings
-        urls = s.engine_urls or [f"http://127.0.0.1:{s.engine_port}"]
-        self._engines = [
-            HttpEngine(u, adapters=self.gw.router.adapters, request_timeout=s.request_timeout,
-                       health_interval=s.health_interval, reverify=self._reverify)
-            for u in urls
-        ]
-        return self._engines
-
-    def _reverify(self, name: str) -> bool:
-        """Before a (re)started engine loads a served adapter: re-verified once versions exist."""
-        return self.gw.adapters is None or self.gw.adapters.reverify(name)
 
     async def run(self) -> None:
         try:
@@ -76,8 +71,6 @@ class Boot:
             log.exception("engine boot failed")
 
     async def _supervise(self) -> None:
-        from agentloop.templates.registry import get_template
-
         s = self.settings
         self.state = "preparing model"
         model = await self._model_dir()
@@ -92,10 +85,10 @@ class Boot:
         )
         self.process = EngineProcess(argv, vllm_env(kvcache_space_gib=s.kvcache_space_gib),
                                      s.home / "logs" / f"engine-{s.engine_port}.log",
-                                     on_exit=lambda code: self._engines[0].mark_down(f"process exited ({code})"))
+                                     on_exit=lambda code: self.pool.engines[0].mark_down(f"process exited ({code})"))
         self.state = "starting engine"
         await self.process.start()
-        if await self.gw.pool.wait_ready(s.engine_startup_timeout):
+        if await self.pool.wait_ready(s.engine_startup_timeout):
             self.state = "running"
         else:
             self.state = f"engine not ready after {s.engine_startup_timeout:.0f}s (see {self.process.log_path})"
@@ -122,9 +115,7 @@ class Boot:
             config = Path(hf_hub_download(model, "config.json"))
         root = self.settings.adapters_dir / model_slug(model)
         write_zero_adapter(config.parent, root / BASE_VERSION)
-        self.gw.base_model = str(config.parent)
-        self.gw.adapters = AdapterManager(self.gw, root)
-        self.gw.adapters.restore()
+        self.adapters.bind(root, base_model=str(config.parent))
 
     async def _attach(self) -> None:
         self.state = "waiting for engines"
@@ -145,7 +136,7 @@ class Boot:
         self.state = "writing base adapter"
         self._add_base_adapter(model, Path(model) / "config.json")
         self.state = "loading adapters"
-        if await self.gw.pool.wait_ready(self.settings.engine_startup_timeout):
+        if await self.pool.wait_ready(self.settings.engine_startup_timeout):
             self.state = "running"
 
     async def stop(self) -> None:

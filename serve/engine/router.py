@@ -2,7 +2,7 @@
 
 Clients ask for the alias (`agentloop`) or a pinned version (`agentloop@v0003`).
 Every name resolves to a LoRA adapter loaded in the engines — never to the bare
-base model (see serve/zero_adapter.py for why). A canary takes a share of the
+base model (see rl/zero_adapter.py for why). A canary takes a share of the
 alias's traffic.
 
 Invariants:
@@ -11,6 +11,11 @@ Invariants:
   to exactly one version, which its log row records;
 - a version counts its in-flight requests (`acquire`/`release`), so the
   version it replaced is unloaded only once they have all finished.
+
+`ServedVersions` is the interface the rest of the gateway uses (the chat
+service resolves and counts, the adapter manager changes the served set);
+`ModelRouter` keeps it in this process. A store-backed implementation (one
+served version across several gateways) replaces it behind the same methods.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 
+from agentloop.rl.versions import served_name
 from agentloop.serve.errors import ModelNotFound
 
 
@@ -32,7 +39,54 @@ class Version:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-class ModelRouter:
+class ServedVersions(ABC):
+    """Which versions are served under which names, and how many requests each has in flight."""
+
+    alias: str
+    versions: dict[str, Version]           # served name -> version
+    live: str | None                       # served name the alias resolves to
+    canary: tuple[str, float] | None       # (served name, share of the alias's traffic)
+
+    def name_of(self, version: str) -> str:
+        return served_name(self.alias, version)
+
+    @abstractmethod
+    def add_version(self, version: str, path: str, *, live: bool = False) -> Version: ...
+
+    @abstractmethod
+    def set_live(self, name: str) -> str | None:
+        """Flip the alias to `name` in one step; returns the version it replaced."""
+
+    @abstractmethod
+    def set_canary(self, name: str | None, share: float = 0.0) -> None: ...
+
+    @abstractmethod
+    def remove(self, name: str) -> None: ...
+
+    @abstractmethod
+    def adapters(self) -> dict[str, str]:
+        """Every adapter the engines must hold: served name -> folder."""
+
+    @abstractmethod
+    def resolve(self, name: str) -> Version:
+        """The version a request for `name` runs on (no I/O: on the request path)."""
+
+    @abstractmethod
+    def acquire(self, v: Version) -> None: ...
+
+    @abstractmethod
+    def release(self, v: Version) -> None: ...
+
+    @abstractmethod
+    async def wait_drained(self, name: str, timeout: float | None = None) -> bool: ...
+
+    @abstractmethod
+    def list_models(self) -> list[dict]: ...
+
+
+class ModelRouter(ServedVersions):
+    """The served versions of one gateway process, in memory."""
+
     def __init__(self, alias: str, *, rng: random.Random | None = None):
         self.alias = alias
         self.versions: dict[str, Version] = {}
@@ -41,9 +95,6 @@ class ModelRouter:
         self.inflight: Counter[str] = Counter()
         self._idle: asyncio.Condition | None = None  # made on first wait, inside the loop
         self._rng = rng or random.Random()
-
-    def name_of(self, version: str) -> str:
-        return f"{self.alias}@{version}"
 
     def add_version(self, version: str, path: str, *, live: bool = False) -> Version:
         v = self.versions.get(self.name_of(version))

@@ -1,90 +1,34 @@
 """Admin HTTP endpoints: adapter versions, promotion, rollback, canary, training runs.
 
 Thin: each route checks the admin key, parses its body, and calls the one
-place that does the work (serve/adapters.py for versions, the loop for runs).
+place that does the work (serve/engine/adapters.py for versions, serve/services/loop.py for runs).
 
 Invariant: every route requires `Authorization: Bearer <AGENTLOOP_ADMIN_KEY>`,
-compared in constant time, or the dashboard's session cookie (below); user
+compared in constant time, or the dashboard's session cookie; user
 keys never pass, and with no admin key configured every admin route is
 refused (403) rather than open.
 
-Session cookie (for people; scripts use the header): `POST /admin/login` with
-the admin key sets `agentloop_admin` = "<expiry>.<HMAC-SHA256(admin key,
-expiry)>", HttpOnly, SameSite=Strict, Path=/admin. Nothing is stored server
-side: changing the admin key ends every session; a cookie is good until its
-expiry. A Bearer header, when sent, decides alone (a script's wrong key is
-never rescued by a browser cookie), and a cookie-authenticated write must come
-from the gateway's own origin.
+Who is an admin (the key, the session cookie) is serve/http/admin_auth.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from agentloop.rl.versions import version_of
+from agentloop.serve.errors import AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied
+from agentloop.serve.http.admin_auth import SESSION_COOKIE, SESSION_SECONDS, require_admin, session_token
+from agentloop.serve.http.ui import login_page
 from agentloop.serve.protocol import parse_body
-from agentloop.serve.errors import (
-    AuthenticationFailed, EngineUnavailable, InvalidRequest, NotFound, PermissionDenied,
-)
 
 router = APIRouter(prefix="/admin")
-
-SESSION_COOKIE = "agentloop_admin"
-SESSION_SECONDS = 12 * 3600
-
-
-def session_token(key: str, expires: int) -> str:
-    """The cookie value for a session ending at `expires` (epoch seconds)."""
-    mac = hmac.new(key.encode(), f"agentloop-admin-session:{expires}".encode(), hashlib.sha256).hexdigest()
-    return f"{expires}.{mac}"
-
-
-def session_valid(value: str | None, key: str, now: float | None = None) -> bool:
-    expires, _, _ = (value or "").partition(".")
-    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
-        return False
-    return hmac.compare_digest(value.encode(), session_token(key, int(expires)).encode())
-
-
-def _same_origin(request: Request) -> bool:
-    # SameSite=Strict keeps other sites' requests cookie-less, but "site" ignores
-    # the port: a page on another localhost port is same-site. Browsers send
-    # Origin on every cross-origin write, so a foreign one is refused.
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
-
-
-def require_admin(request: Request) -> None:
-    key = request.app.state.gw.settings.admin_key
-    if not key:
-        raise PermissionDenied("Admin endpoints are disabled: set AGENTLOOP_ADMIN_KEY to enable them.")
-    auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    gate = request.app.state.gw.access
-    user_key = gate.keys.key_id_of(token) if gate is not None and token else None
-    if user_key is not None:
-        # Checked before the admin key: a user key that equals the admin key
-        # (created by mistake) is known to a user, so it must not open /admin.
-        if hmac.compare_digest(token.encode(), key.encode()):
-            raise PermissionDenied(f"This admin key is also user API key {user_key}, so admin endpoints refuse it: "
-                                   "set a different AGENTLOOP_ADMIN_KEY.")
-        raise PermissionDenied("User API keys cannot use admin endpoints: send the admin key "
-                               "(AGENTLOOP_ADMIN_KEY) as Authorization: Bearer, or log in at /admin.")
-    if token and hmac.compare_digest(token.encode(), key.encode()):
-        return
-    if not token and session_valid(request.cookies.get(SESSION_COOKIE), key):
-        if request.method in ("GET", "HEAD") or _same_origin(request):
-            return
-        raise PermissionDenied("Cross-origin admin requests are refused.")
-    raise AuthenticationFailed("A valid admin key is required (Authorization: Bearer <admin key>, "
-                               "or log in at /admin).")
 
 
 async def _login_key(request: Request) -> tuple[str, bool]:
@@ -113,8 +57,6 @@ async def login(request: Request):
         if wants_json:
             err = PermissionDenied(message) if not key else AuthenticationFailed(message)
             return JSONResponse(err.to_openai(), status_code=status)
-        from agentloop.serve.http.ui import login_page  # the page lives with the UI; imported late, only for people
-
         return login_page(request, error=message, status_code=status)
     expires = int(time.time()) + SESSION_SECONDS
     resp: Response = (JSONResponse({"object": "admin_session", "expires_at": expires}) if wants_json
@@ -135,7 +77,7 @@ async def logout(request: Request):
 
 def _manager(request: Request):
     mgr = request.app.state.gw.adapters
-    if mgr is None:
+    if mgr is None or not mgr.bound:
         raise EngineUnavailable("Adapters are not available yet; retry shortly.", retry_after=10)
     return mgr
 
@@ -151,7 +93,7 @@ def _version(body: dict[str, Any], *, required: bool = True) -> str | None:
         return None
     if not isinstance(v, str) or not v:
         raise InvalidRequest("'version' (e.g. \"v0002\") is required.", param="version")
-    return v.rsplit("@", 1)[-1]
+    return version_of(v)  # the served name "agentloop@v0002" works too
 
 
 @router.get("/adapters", dependencies=[Depends(require_admin)])

@@ -1,7 +1,7 @@
 """OpenAPI descriptions of the request bodies and parameters the routes read by hand.
 
 The chat, feedback and admin routes take the raw body (`request.body()`) and
-check it themselves (serve/chat.py, serve/feedback.py, serve/admin.py), so
+check it themselves (serve/protocol.py, serve/services/feedback.py, serve/http/admin.py), so
 that every mistake is an OpenAI-shaped 400 rather than FastAPI's 422; FastAPI
 therefore sees no body model and documents none. This module adds the
 descriptions to the generated OpenAPI document, so that clients and fuzzers
@@ -181,7 +181,7 @@ def add_request_docs(schema: dict[str, Any]) -> dict[str, Any]:
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     for ops in paths.values():
         for op in ops.values():
-            # serve/app.py answers FastAPI's validation errors with a 400, never a 422.
+            # serve/http/app.py answers FastAPI's validation errors with a 400, never a 422.
             op.get("responses", {}).pop("422", None)
             op.setdefault("responses", {})["4XX"] = error
     for (path, method), (body, required) in BODIES.items():

@@ -1,19 +1,18 @@
 """Who is calling: a stable, non-reversible id derived from the bearer key.
 
 Invariant: the raw key is never stored or logged; the same key always maps to
-the same caller id (``serve.store_keys.caller_for_key``), managed key or open
+the same caller id (``agentloop.serve.store.keys.caller_for_key``), managed key or open
 mode alike, so completions and feedback can be matched to their owner and a
 key created for an existing bearer keeps its history. Whether a key may call
-at all, and how much, is serve/access.py's business (it runs before routes).
+at all, and how much, is serve/services/access.py's business (it runs before routes).
 """
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
-from agentloop.serve.store.keys import caller_for_key
+from agentloop.serve.store.keys import ANONYMOUS, caller_for_key
 
-ANONYMOUS = "anonymous"
 
 
 def caller_of(request: Request) -> str:

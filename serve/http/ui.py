@@ -7,8 +7,8 @@ What it owns
   serve/ui/vendor/node_modules, under `/ui/vendor/`).
 - `GET /admin/stats`: the aggregate numbers no other endpoint gives (feedback
   by kind and version, thumbs rate per version, the alias's traffic split),
-  from the store's StatsStore mixin (serve/store_stats.py).
-- `login_page`, which serve/admin.py's login route renders on a refused key.
+  from the store's StatsStore mixin (serve/store/stats.py).
+- `login_page`, which serve/http/admin.py's login route renders on a refused key.
 
 Invariants
 - The pages are shells: everything they show or change goes through the
@@ -35,7 +35,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from agentloop.serve.http import admin
+from agentloop.serve.http import admin_auth as admin
 from agentloop.serve.errors import AgentloopError, NotFound
 
 UI_DIR = Path(__file__).with_name("ui")

@@ -1,9 +1,9 @@
 """User feedback on logged chat completions: ``POST /v1/feedback`` and ``GET /v1/feedback``.
 
 What it owns: what a feedback request means and which ones are accepted. The
-routes are thin; the rules are plain functions (``parse_feedback``,
+routes (serve/http/feedback.py) are thin; the rules are plain functions (``parse_feedback``,
 ``record_feedback``, ``parse_list_query``) so they can be used and tested
-without HTTP; the SQL is in the store (serve/store_feedback.py).
+without HTTP; the SQL is in the store (serve/store/feedback.py).
 
 Feedback types (every body may add ``"comment"``, a string):
 - ``thumbs``: ``{"completion_id", "value": 1 | -1}``
@@ -26,7 +26,6 @@ Invariants
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
@@ -34,13 +33,8 @@ import time
 import uuid
 from typing import Any, Callable, Mapping
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-
-from agentloop.serve import protocol as chat
-from agentloop.serve.http.auth import caller_of
-from agentloop.serve.errors import AgentloopError, InvalidRequest, NotFound, RequestTooLarge
-from agentloop.serve.store.feedback import FEEDBACK_TYPES
+from agentloop.rl.schema import FEEDBACK_TYPES
+from agentloop.serve.errors import AgentloopError, InvalidRequest, NotFound
 
 MAX_BODY_BYTES = 1_000_000  # a correction can be long, but not unbounded
 MAX_COMMENT_CHARS = 4_000
@@ -333,28 +327,3 @@ def list_page(store, caller: str, query: dict[str, Any]) -> dict[str, Any]:
     data = [public(r) for r in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
-
-
-# ---------------------------------------------------------------- HTTP
-
-router = APIRouter()
-
-
-@router.post("/v1/feedback")
-async def create_feedback(request: Request):
-    gw = request.app.state.gw
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise RequestTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-    body = chat.parse_body(raw)
-    flush = gw.writer.flush if gw.writer is not None else None
-    row, _ = await asyncio.to_thread(record_feedback, gw.store, caller_of(request), body,
-                                     idempotency_key=request.headers.get("idempotency-key"), flush=flush)
-    return JSONResponse(public(row))
-
-
-@router.get("/v1/feedback")
-async def list_feedback(request: Request):
-    gw = request.app.state.gw
-    query = parse_list_query(request.query_params)
-    return JSONResponse(await asyncio.to_thread(list_page, gw.store, caller_of(request), query))

@@ -6,7 +6,7 @@ when to start one.
 
 Invariants:
 - at most one training runs at a time, across processes: the store refuses a
-  second active run (serve/store_runs.py), whoever asks;
+  second active run (serve/store/runs.py), whoever asks;
 - the scheduler's state is the store (the last run's start time is the
   feedback watermark), so it survives restarts; runs left active by a dead
   process are marked failed at start-up;
@@ -21,15 +21,14 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from agentloop.rl.loop import Iteration, LoopConfig
-
+from agentloop.serve.engine.adapters import AdapterManager
+from agentloop.serve.engine.client import EnginePool
 from agentloop.serve.errors import AgentloopError, EngineUnavailable, InvalidRequest
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
 from agentloop.serve.store.runs import ActiveRunExists, owner_id
-
-if TYPE_CHECKING:
-    from agentloop.serve.http.app import Gateway
 
 log = logging.getLogger("agentloop.loop")
 
@@ -72,67 +71,72 @@ def run_due(store, cfg: LoopConfig, now: float | None = None) -> tuple[bool, int
 
 
 class GatewayHooks:
-    def __init__(self, gw: "Gateway"):
-        self.gw = gw
+    """rl.loop.LoopHooks over this gateway's adapter manager and engine pool."""
+
+    def __init__(self, adapters: AdapterManager, pool: EnginePool):
+        self.adapters = adapters
+        self.pool = pool
 
     def live_version(self) -> str:
-        return self.gw.router.versions[self.gw.router.live].version
+        router = self.adapters.router
+        return router.versions[router.live].version
 
     async def load_candidate(self, version: str) -> str:
-        _, v = await self.gw.adapters._load(version)
-        return v.name
+        return await self.adapters.load_candidate(version)
 
     async def unload(self, name: str) -> None:
-        if name not in (self.gw.router.live, self.gw.router.canary and self.gw.router.canary[0],
-                        self.gw.router.name_of("v0000")):
-            self.gw.router.versions.pop(name, None)
-            await self.gw.adapters._unload_quietly(name)
+        await self.adapters.drop_candidate(name)
 
     async def chat(self, body: dict) -> dict:
-        agen = self.gw.pool.chat({**body, "stream": False})
+        agen = self.pool.chat({**body, "stream": False})
         try:
             return await agen.__anext__()
         finally:
             await agen.aclose()
 
     async def promote(self, version: str, reason: str) -> None:
-        await self.gw.adapters.promote(version, reason=reason)
+        await self.adapters.promote(version, reason=reason)
 
 
 class LoopRunner:
-    def __init__(self, gw: "Gateway"):
-        self.gw = gw
+    """Starts iterations on request (admin) or on a schedule, one at a time."""
+
+    def __init__(self, settings: Settings, store: Store, adapters: AdapterManager, pool: EnginePool):
+        self.settings = settings
+        self.store = store
+        self.adapters = adapters
+        self.pool = pool
         self.task: asyncio.Task | None = None
         self._scheduler: asyncio.Task | None = None
 
     def recover(self) -> list[str]:
-        failed = self.gw.store.fail_orphaned_runs(_owner_alive)
+        failed = self.store.fail_orphaned_runs(_owner_alive)
         if failed:
             log.warning("marked runs interrupted by a restart as failed: %s", failed)
         return failed
 
     def config(self, params: dict | None) -> LoopConfig:
         try:
-            return LoopConfig.from_params(params, self.gw.settings.loop_defaults())
+            return LoopConfig.from_params(params, self.settings.loop_defaults())
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"Invalid training parameters: {e}", param="params")
 
     async def start(self, *, trigger: str, method: str | None = None, promote: bool = True,
                     params: dict | None = None) -> dict:
-        if self.gw.adapters is None or not self.gw.pool.ready:
+        if not self.adapters.bound or not self.pool.ready:
             raise EngineUnavailable("The engine is not ready; training needs it for the gate.", retry_after=10)
         params = dict(params or {})
         if method is not None:
             params["method"] = method
         cfg = self.config(params)
         try:
-            run = await asyncio.to_thread(self.gw.store.create_run, method=cfg.method, trigger=trigger,
+            run = await asyncio.to_thread(self.store.create_run, method=cfg.method, trigger=trigger,
                                           promote=promote, params=params)
         except ActiveRunExists as e:
             raise RunConflict(f"Training run {e.run['id']} is already {e.run['status']}.")
-        it = Iteration(self.gw.store, self.gw.adapters.registry, base_model=self.gw.base_model,
-                       template=self.gw.settings.template, hooks=GatewayHooks(self.gw), config=cfg,
-                       work_dir=self.gw.settings.home / "runs")
+        it = Iteration(self.store, self.adapters.registry, base_model=self.adapters.base_model,
+                       template=self.settings.template, hooks=GatewayHooks(self.adapters, self.pool), config=cfg,
+                       work_dir=self.settings.home / "runs")
         self.task = asyncio.create_task(it.run(run), name=f"run:{run['id']}")
         return run
 
@@ -140,7 +144,7 @@ class LoopRunner:
         self._scheduler = asyncio.create_task(self._schedule(), name="loop-scheduler")
 
     async def _schedule(self) -> None:
-        s = self.gw.settings
+        s = self.settings
         while True:
             await asyncio.sleep(s.loop_check_seconds)
             try:
@@ -153,7 +157,7 @@ class LoopRunner:
                 log.exception("loop scheduler check failed")
 
     async def _maybe_start(self) -> None:
-        go, new = await asyncio.to_thread(run_due, self.gw.store, self.gw.settings.loop_defaults())
+        go, new = await asyncio.to_thread(run_due, self.store, self.settings.loop_defaults())
         if go:
             log.info("starting a scheduled run: %d new feedback", new)
             await self.start(trigger="scheduler")

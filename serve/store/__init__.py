@@ -8,6 +8,7 @@ tables, its migrations (appended in order to `db.MIGRATIONS`) and its queries.
 here imports fastapi, torch or vllm; callers on the event loop use threads.
 """
 
-from agentloop.serve.store.db import LogWriter, Store
+from agentloop.serve.store.db import Store
+from agentloop.serve.store.logwriter import LogWriter
 
 __all__ = ["LogWriter", "Store"]

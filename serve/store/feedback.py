@@ -1,13 +1,13 @@
-"""The feedback table and its SQL: a mixin that ``serve.store.Store`` inherits.
+"""The feedback table and its SQL: a mixin that ``agentloop.serve.store.Store`` inherits.
 
-It lives apart from serve/store.py only to keep files small; it is still the
+It lives apart from serve/store/db.py only to keep files small; it is still the
 store layer (no other module writes feedback SQL) and follows its rules: portable
 types only (JSON is ``Text``, times are ``Float`` epoch seconds), one committed
-transaction per write, migrations appended to ``serve.store.MIGRATIONS``.
+transaction per write, migrations appended to ``serve.store.db.MIGRATIONS``.
 
 What it owns
 - ``m002_feedback``: the ``feedback`` table and its indexes (registered in
-  serve/store.py right after m001; never edit it once released).
+  serve/store/db.py right after m001; never edit it once released).
 - ``FeedbackStore``: insert/get/list/count of feedback rows, and the join with
   completions that the dataset builder (rl/datasets.py) reads.
 
@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 
-FEEDBACK_TYPES = ("thumbs", "rating", "correction", "pairwise")
+from agentloop.rl.schema import FEEDBACK_TYPES  # the shared vocabulary
 
 
 def _feedback_v1_columns() -> list[Column]:
@@ -127,7 +127,7 @@ def _decode_completion(mapping: Any) -> dict[str, Any]:
 
 
 class FeedbackStore:
-    """Feedback SQL. A mixin: ``self._conn`` comes from serve.store.Store."""
+    """Feedback SQL. A mixin: ``self._conn`` comes from agentloop.serve.store.Store."""
 
     def insert_feedback(self, row: dict[str, Any]) -> dict[str, Any]:
         """Insert one feedback row and commit; return the stored row.

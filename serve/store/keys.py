@@ -1,13 +1,13 @@
-"""User API keys and their SQL: a mixin that ``serve.store.Store`` inherits.
+"""User API keys and their SQL: a mixin that ``agentloop.serve.store.Store`` inherits.
 
-Part of the store layer (all SQL lives in serve/store*.py), kept apart only to
+Part of the store layer (all SQL lives in serve/store/), kept apart only to
 keep files small. Portable types only (times are Float epoch seconds).
 
 What it owns
-- ``m004_api_keys``: the ``api_keys`` table (registered in serve/store.py after
+- ``m004_api_keys``: the ``api_keys`` table (registered in serve/store/db.py after
   m003; never edit it once released: append a new migration).
 - ``KeyStore``: create, list, revoke, trust/untrust keys; the active-key
-  snapshot the gateway caches (serve/access.py); the untrusted callers the
+  snapshot the gateway caches (serve/services/access.py); the untrusted callers the
   learning loop leaves out (rl/loop.py).
 - ``hash_key`` / ``caller_for_key``: the one definition of how a raw key maps
   to its stored hash and to the caller id that owns completions and feedback.
@@ -17,7 +17,7 @@ Invariants
   generated keys a 4-character ``hint`` so an operator can tell keys apart.
   A key is random (``al-`` + 32 bytes of ``secrets``), so a fast hash is enough
   (no password stretching needed: there is nothing to brute-force).
-- ``caller`` is ``"key-" + sha256(key)[:16]``, exactly what serve/auth.py
+- ``caller`` is ``"key-" + sha256(key)[:16]``, exactly what serve/http/auth.py
   derives from any bearer, so a managed key owns the same history it had in
   open mode, and ownership checks never need this table.
 - A hash is unique across all keys, revoked ones included: a revoked key can
@@ -50,6 +50,9 @@ PUBLIC_FIELDS = ("id", "name", "caller", "hint", "created_at", "revoked_at", "tr
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+ANONYMOUS = "anonymous"  # the caller of a request with no bearer (open mode)
 
 
 def caller_for_key(raw: str) -> str:
@@ -114,7 +117,7 @@ def check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
 
 
 class KeyStore:
-    """API key SQL. A mixin: ``self._conn`` comes from serve.store.Store."""
+    """API key SQL. A mixin: ``self._conn`` comes from agentloop.serve.store.Store."""
 
     def create_key(self, *, name: str, raw_key: str | None = None, trusted: bool = True,
                    **limits: int | None) -> tuple[dict[str, Any], str]:

@@ -1,6 +1,6 @@
-"""Training runs and their per-step metrics: a mixin that ``serve.store.Store`` inherits.
+"""Training runs and their per-step metrics: a mixin that ``agentloop.serve.store.Store`` inherits.
 
-Part of the store layer (all SQL lives in serve/store*.py), kept apart only to
+Part of the store layer (all SQL lives in serve/store/), kept apart only to
 keep files small. Portable types only (JSON as Text, times as Float epoch).
 
 What it owns
@@ -33,8 +33,8 @@ from sqlalchemy import (
     Column, Connection, Float, Index, Integer, MetaData, Table, Text, column, func, insert, select, table, update,
 )
 
-RUN_STATUSES = ("queued", "running", "promoted", "passed", "rejected", "failed")
-ACTIVE = ("queued", "running")
+from agentloop.rl.schema import ACTIVE_RUN_STATUSES as ACTIVE, RUN_STATUSES  # the shared vocabulary
+
 _JSON_COLUMNS = ("params", "dataset", "gate", "result")
 
 _META = MetaData()

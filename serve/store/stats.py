@@ -1,8 +1,8 @@
-"""Aggregate numbers for the loop dashboard: a mixin that ``serve.store.Store`` inherits.
+"""Aggregate numbers for the loop dashboard: a mixin that ``agentloop.serve.store.Store`` inherits.
 
-Part of the store layer (all SQL lives in serve/store*.py), kept apart only to
+Part of the store layer (all SQL lives in serve/store/), kept apart only to
 keep files small. It owns no table and no migration: it only reads
-``feedback`` (serve/store_feedback.py) and ``completions`` (serve/store.py).
+``feedback`` (serve/store/feedback.py) and ``completions`` (serve/store/db.py).
 
 What it owns
 - ``StatsStore.feedback_stats``: feedback counts by (version, type) and
@@ -34,7 +34,7 @@ _COMPLETIONS = table("completions", column("created_at"), column("model"), colum
 
 
 class StatsStore:
-    """Dashboard aggregates. A mixin: ``self._conn`` comes from serve.store.Store."""
+    """Dashboard aggregates. A mixin: ``self._conn`` comes from agentloop.serve.store.Store."""
 
     def feedback_stats(self, *, since: float | None = None) -> dict[str, list[dict[str, Any]]]:
         """Feedback since ``since`` (inclusive; None: all time), aggregated.

@@ -1,0 +1,114 @@
+"""The composition root: builds one gateway's parts once and hands each its collaborators.
+
+`Gateway` is only the box the parts travel in: the HTTP edge (serve/http) reads
+them from it, and no part ever receives it. Each part gets exactly what it uses
+through its constructor:
+
+    Settings ──► Store ─► LogWriter, Access (keys, limits), LoopRunner
+    ModelRouter (ServedVersions) ─► AdapterManager, ChatService, engines' served set
+    engines ─► EnginePool ─► AdapterManager, ChatService, LoopRunner, Boot
+    AdapterManager ─► Boot (binds it to the base model's registry), LoopRunner
+
+One cycle is closed here, on purpose: an engine that restarts asks the adapter
+manager whether it may load a served version again (`reverify`), and the
+manager loads versions through the pool of those engines. The engines get a
+forwarder to the manager, which is built right after them.
+
+Invariants:
+- the constructor wires the in-memory parts (router, engines, pool, adapter
+  manager, boot); `start` opens the store and builds what needs it, in
+  dependency order, and `stop` takes them down in reverse; a part that fails to
+  start leaves nothing running (the store closes);
+- blocking start-up work (opening the store, its migrations, reading keys,
+  marking orphaned runs failed) runs in threads, never on the event loop;
+- importing this module does not import torch or vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agentloop.serve.engine.adapters import AdapterManager
+from agentloop.serve.engine.boot import Boot, http_engines
+from agentloop.serve.engine.client import Engine, EnginePool
+from agentloop.serve.engine.router import ModelRouter
+from agentloop.serve.services.access import Access
+from agentloop.serve.metrics import Metrics
+from agentloop.serve.services.chat import ChatService
+from agentloop.serve.services.loop import LoopRunner
+from agentloop.serve.settings import Settings
+from agentloop.serve.store.db import Store
+from agentloop.serve.store.logwriter import LogWriter
+
+
+class Gateway:
+    """The parts of one gateway, built by `start` and torn down by `stop`."""
+
+    def __init__(self, settings: Settings, engines: list[Engine] | None = None):
+        """The parts that need no I/O, wired at once; `start` adds those that do."""
+        self.settings = settings
+        self.metrics = Metrics()
+        self.router = ModelRouter(settings.alias)
+
+        def reverify(name: str) -> bool:  # the forwarder that closes the engines <-> manager cycle
+            return self.adapters.reverify(name)
+
+        # Tests and embedders may bring their own engines; then nothing is supervised (no Boot).
+        self.pool = EnginePool(engines if engines is not None else http_engines(settings, self.router, reverify))
+        self.adapters = AdapterManager(self.router, self.pool, max_rank=settings.max_lora_rank)
+        self.boot: Boot | None = Boot(settings, self.pool, self.adapters) if engines is None else None
+        self.store: Store | None = None
+        self.writer: LogWriter | None = None
+        self.access: Access | None = None
+        self.loop: LoopRunner | None = None
+        self.chat: ChatService | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.store = await asyncio.to_thread(Store, s.db_url)
+        access = Access(s, self.store)
+        try:
+            await asyncio.to_thread(access.start)  # refuses a public address without keys (StartupRefused)
+        except BaseException:
+            self.store.close()
+            raise
+        self.access = access
+        self.spawn(access.run())  # re-reads the keys every keys_refresh_seconds
+        self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
+        self.loop = LoopRunner(s, self.store, self.adapters, self.pool)
+        await asyncio.to_thread(self.loop.recover)
+        self.chat = ChatService(self.router, self.pool, self.writer, self.metrics,
+                                max_model_len=s.max_model_len, spawn=self.spawn)
+        await self.pool.start()
+        if self.boot is not None:
+            self.spawn(self.boot.run())
+        if s.loop_enabled:
+            self.loop.start_scheduler()
+
+    async def stop(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop()
+        if self.boot is not None:
+            await self.boot.stop()
+        if self.pool is not None:
+            await self.pool.aclose()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
+        if self.store is not None:
+            self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        engines = [{"url": e.url, "ready": e.ready, "error": getattr(e, "last_error", None)}
+                   for e in (self.pool.engines if self.pool else [])]
+        ready = bool(self.pool and self.pool.ready and self.router.versions)
+        return {"status": "ok" if ready else "starting", "ready": ready, "engines": engines,
+                "live": self.router.live, "boot": self.boot.state if self.boot else None}
