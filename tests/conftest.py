@@ -197,3 +197,31 @@ def client(server: Server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.base_url, api_key="test-key", max_retries=0, timeout=120)
+
+
+# ---------------------------------------------------------------- PostgreSQL
+# One throwaway server per session (tests/pgcluster.py), a fresh database per test.
+# Store tests take `db_url`, parametrised over both dialects, so the same test runs
+# on SQLite and on PostgreSQL. No skip when the server is missing: that is an error.
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from tests.pgcluster import ExternalCluster, start_cluster
+
+    external = os.environ.get("AGENTLOOP_TEST_DATABASE_URL")
+    cluster = ExternalCluster(external) if external else start_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path) -> str:
+    """A store URL on a fresh, empty database of each dialect."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'agentloop.db'}"
+    return request.getfixturevalue("pg_url")

@@ -1,4 +1,8 @@
-"""Tests for serve/store/db.py on real SQLite files (tmp_path)."""
+"""Tests for serve/store/db.py on a real SQLite file (tmp_path) and a real PostgreSQL server.
+
+Every test that takes `url` or `store` runs on both dialects (conftest `db_url`);
+the few that are about SQLite itself (pragmas, in-memory) name it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from agentloop.serve.store import db as store_mod
 from agentloop.serve.store.db import MIGRATIONS, Store
@@ -29,8 +33,13 @@ def row(i: int | str, **kw) -> dict:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'agentloop.db'}"
+def url(db_url: str) -> str:
+    return db_url
+
+
+def index_names(engine, table: str) -> dict[str, bool]:
+    """{index name: unique} of one table, on either dialect."""
+    return {ix["name"]: bool(ix["unique"]) for ix in inspect(engine).get_indexes(table)}
 
 
 @pytest.fixture
@@ -59,9 +68,9 @@ def test_migrations_run_once_and_are_recorded(url: str, tmp_path: Path):
     assert s2.schema_version() == names
     with s2.engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM _migrations")).scalar() == len(names)
-        idx = {r[0] for r in c.execute(text("SELECT name FROM sqlite_master WHERE type='index'"))}
+    idx = index_names(s2.engine, "completions")
     assert {"ix_completions_created_at", "ix_completions_caller", "ix_completions_model_version",
-            "ix_completions_conversation_hash"} <= idx
+            "ix_completions_conversation_hash"} <= idx.keys()
     s2.close()
 
 
@@ -76,8 +85,7 @@ def test_failed_migration_rolls_back_and_is_not_recorded(url: str, monkeypatch):
     monkeypatch.setattr(store_mod, "MIGRATIONS", list(MIGRATIONS))
     s = Store(url)
     assert "m002_broken" not in s.schema_version()
-    with s.engine.connect() as c:  # the DDL was inside the transaction
-        assert c.execute(text("SELECT count(*) FROM sqlite_master WHERE name='half_done'")).scalar() == 0
+    assert not inspect(s.engine).has_table("half_done")  # the DDL was inside the transaction
     s.close()
 
 
@@ -436,9 +444,8 @@ def fb(i: int | str, **kw) -> dict:
 def test_feedback_migration_appended_with_its_indexes(store: Store):
     names = [fn.__name__ for fn in MIGRATIONS]
     assert names[:2] == ["m001_completions", "m002_feedback"]  # m001 untouched, m002 after it
-    with store.engine.connect() as c:
-        idx = {r[0]: r[1] for r in c.execute(text("SELECT name, sql FROM sqlite_master WHERE type='index'"))}
-    assert "UNIQUE" in idx["ux_feedback_caller_idempotency_key"]
+    idx = index_names(store.engine, "feedback")
+    assert idx["ux_feedback_caller_idempotency_key"] is True
     assert {"ix_feedback_caller_created_at", "ix_feedback_completion_id", "ix_feedback_version",
             "ix_feedback_chosen_id", "ix_feedback_rejected_id"} <= idx.keys()
 
