@@ -84,8 +84,7 @@ class Gateway:
         self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
         self.loop = LoopRunner(s, self.store, self.adapters, self.pool)
         await asyncio.to_thread(self.loop.recover)
-        self.chat = ChatService(self.router, self.pool, self.writer, self.metrics,
-                                max_model_len=s.max_model_len, spawn=self.spawn)
+        self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn)
         await self.pool.start()
         if self.boot is not None:
             self.spawn(self.boot.run())
@@ -107,8 +106,10 @@ class Gateway:
             self.store.close()
 
     def health(self) -> dict[str, Any]:
-        engines = [{"url": e.url, "ready": e.ready, "error": getattr(e, "last_error", None)}
+        engines = [{"url": e.url, "ready": e.ready, "error": getattr(e, "last_error", None),
+                    "max_model_len": e.max_model_len}
                    for e in (self.pool.engines if self.pool else [])]
         ready = bool(self.pool and self.pool.ready and self.router.versions)
         return {"status": "ok" if ready else "starting", "ready": ready, "engines": engines,
+                "max_model_len": self.pool.max_model_len if self.pool else None,
                 "live": self.router.live, "boot": self.boot.state if self.boot else None}

@@ -36,9 +36,11 @@ class Settings(BaseSettings):
     engine_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM CLI arguments.")
     engine_startup_timeout: float = Field(600.0, description="Seconds to wait for a vLLM server to be healthy.")
     kvcache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for a supervised CPU engine.")
-    max_model_len: int = Field(2048, description=(
-        "Context length for a supervised engine. With attached engines set it to theirs: a max_tokens ceiling "
-        "below it caps requests that set no max_tokens (serve/services/access.py)."))
+    max_model_len: int | None = Field(None, ge=16, description=(
+        "Context length of a supervised engine; None takes the model's own (its config, as vLLM derives it). "
+        "The gateway reads the context each engine really has from its /v1/models, so attached engines need "
+        "nothing here. A context whose KV cache does not fit in kvcache_space_gib fails the start with "
+        "vLLM's reason (in /health and the log)."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(
@@ -64,9 +66,10 @@ class Settings(BaseSettings):
     limit_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description=(
         "Default largest /v1 request body per key, in bytes; larger gets 413 (checked from Content-Length "
         "and while reading)."))
-    limit_max_tokens: int = Field(4096, ge=1, description=(
+    limit_max_tokens: int | None = Field(None, ge=1, description=(
         "Default ceiling on max_tokens / max_completion_tokens per key: a larger value is a 400; a request "
-        "with neither is capped at the ceiling when it is below max_model_len (else the context bounds it)."))
+        "with neither is capped at the ceiling when it is below the context length. None: the context is "
+        "the ceiling (the engine refuses a prompt plus max_tokens over it, in vLLM's words)."))
     loop_enabled: bool = Field(False, description="Run the learning loop's scheduler inside the gateway.")
     loop_check_seconds: float = Field(60.0, description="How often the scheduler looks for new feedback.")
     loop_min_new_feedback: int = Field(32, description="New feedback items that trigger a training run.")

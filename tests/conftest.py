@@ -151,6 +151,7 @@ def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None
             if h.get("ready"):
                 return proc, url, f"http://127.0.0.1:{engine_port}"
             if str(h.get("boot", "")).startswith("failed"):
+                stop_gateway(proc)
                 raise RuntimeError(f"engine boot failed: {h['boot']}")
         except httpx.HTTPError:
             pass

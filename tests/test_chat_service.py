@@ -31,7 +31,7 @@ def parts(tmp_path):
     router.add_version("v0000", str(tmp_path / "v0000"), live=True)
     router.add_version("v0001", str(tmp_path / "v0001"))
     engine = FakeEngine()
-    service = ChatService(router, EnginePool([engine]), writer, Metrics(), max_model_len=2048)
+    service = ChatService(router, EnginePool([engine]), writer, Metrics())
     yield service, store, writer, router, engine
     writer.close()
     store.close()
@@ -97,3 +97,24 @@ def test_an_unset_max_tokens_is_capped_at_the_ceiling_below_the_context(parts):
     asyncio.run(service.create({"model": "agentloop", "messages": MSG}, caller="c", max_tokens_ceiling=4096))
     assert engine.bodies[0]["max_tokens"] == 100
     assert "max_tokens" not in engine.bodies[1]          # the context (2048) bounds it already
+
+
+def test_no_ceiling_leaves_the_context_as_the_only_bound(parts):
+    """AGENTLOOP_LIMIT_MAX_TOKENS unset: nothing is capped or refused here; a prompt plus
+    max_tokens over the context is the engine's own 400 (tests/test_context.py, real engine)."""
+    service, store, writer, router, engine = parts
+    for extra in ({}, {"max_completion_tokens": 100000}):
+        asyncio.run(service.create({"model": "agentloop", "messages": MSG, **extra}, caller="c",
+                                   max_tokens_ceiling=None))
+    assert "max_tokens" not in engine.bodies[0] and engine.bodies[1]["max_completion_tokens"] == 100000
+
+
+def test_the_context_is_the_smallest_ready_engines(parts):
+    service, store, writer, router, engine = parts
+    pool = EnginePool([FakeEngine(max_model_len=8192), FakeEngine(max_model_len=4096), FakeEngine(up=False, max_model_len=16)])
+    assert pool.max_model_len == 4096
+    assert EnginePool([FakeEngine(max_model_len=None)]).max_model_len is None
+    # An unknown context sends the cap: it may be below the context, and vLLM clips what the prompt leaves.
+    engine.max_model_len = None
+    asyncio.run(service.create({"model": "agentloop", "messages": MSG}, caller="c", max_tokens_ceiling=4096))
+    assert engine.bodies[0]["max_tokens"] == 4096

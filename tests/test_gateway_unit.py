@@ -25,9 +25,10 @@ from agentloop.serve.store.db import Store
 class FakeEngine(Engine):
     """Answers like vLLM does: a scripted reply, streamed in pieces."""
 
-    def __init__(self, *, up: bool = True, fail: Exception | None = None):
+    def __init__(self, *, up: bool = True, fail: Exception | None = None, max_model_len: int | None = 2048):
         self.url = "fake://engine"
         self.inflight = 0
+        self.max_model_len = max_model_len  # what vLLM's /v1/models reports
         self.up = up
         self.fail = fail
         self.bodies: list[dict] = []

@@ -139,23 +139,32 @@ def test_max_tokens_above_the_ceiling_is_400_and_unset_is_capped(tmp_path):
         assert c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 64}, headers=bearer(raw)).status_code == 200
         assert c.post("/v1/chat/completions", json=CHAT, headers=bearer(raw)).status_code == 200
         assert [b.get("max_tokens") for b in eng.bodies] == [64, 64]  # the unset one capped at the ceiling
-        # Open-mode callers and keys without an override get AGENTLOOP_LIMIT_MAX_TOKENS (4096).
+        # Keys without an override get AGENTLOOP_LIMIT_MAX_TOKENS, by default none: the context
+        # (the engine's) is the only bound, and the engine says when a request is over it.
         _, other = add_key(tmp_path, "defaults")
         wait_for(lambda: c.get("/v1/models", headers=bearer(other)).status_code == 200)
-        r = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4096}, headers=bearer(other))
-        assert r.status_code == 200
-        assert_error(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4097}, headers=bearer(other)),
-                     400, "max_tokens_above_limit")
-        # A ceiling at or above the context length (max_model_len, 2048 here) is not sent: vLLM
-        # refuses a max_tokens above its max_model_len, and the context is the tighter bound anyway.
+        assert c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4096}, headers=bearer(other)).status_code == 200
+        assert c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4097}, headers=bearer(other)).status_code == 200
         assert c.post("/v1/chat/completions", json=CHAT, headers=bearer(other)).status_code == 200
-        assert [b.get("max_tokens") for b in eng.bodies[2:]] == [4096, None]
+        assert [b.get("max_tokens") for b in eng.bodies[2:]] == [4096, 4097, None]
         c.app.state.gw.writer.flush()
         rows = c.app.state.gw.store.list_completions(limit=10)
     # The log keeps the request as the client sent it (no injected max_tokens), with its status.
-    assert sorted(r["status_code"] for r in rows) == [200, 200, 200, 200, 400, 400, 400]
+    assert sorted(r["status_code"] for r in rows) == [200, 200, 200, 200, 200, 400, 400]
     sent = sorted(r["request"].get("max_tokens") or r["request"].get("max_completion_tokens") or 0 for r in rows)
     assert sent == [0, 0, 64, 65, 65, 4096, 4097]
+
+
+def test_a_gateway_ceiling_caps_unset_requests_below_the_context(tmp_path):
+    """AGENTLOOP_LIMIT_MAX_TOKENS set: a ceiling for keys without their own, sent only below the
+    engine's context (2048 on the fake engine, as vLLM's /v1/models reports it)."""
+    for ceiling, sent in ((1000, 1000), (4096, None)):
+        eng = FakeEngine()
+        with TestClient(make_app(tmp_path / str(ceiling), eng, limit_max_tokens=ceiling)) as c:
+            assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+            assert_error(c.post("/v1/chat/completions", json={**CHAT, "max_tokens": ceiling + 1}), 400,
+                         "max_tokens_above_limit")
+        assert [b.get("max_tokens") for b in eng.bodies] == [sent]
 
 
 def test_a_flood_gets_429s_never_5xx(tmp_path):

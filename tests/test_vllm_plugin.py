@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xgrammar
 
 pytest.importorskip("vllm")
 
@@ -26,6 +27,7 @@ from vllm.parser.parser_manager import ParserManager  # noqa: E402
 from vllm.reasoning import ReasoningParserManager  # noqa: E402
 from vllm.tool_parsers import ToolParserManager  # noqa: E402
 
+import agentloop.serve.inside_vllm.call_grammar as call_grammar  # noqa: E402
 import agentloop.serve.inside_vllm.parsers as plugin  # noqa: E402
 from agentloop.templates import extract_hermes, extract_llama3_json, render, split_reasoning  # noqa: E402
 
@@ -323,7 +325,8 @@ def test_forced_tool_choice_with_and_without_thinking(tok, choice, thinking, tex
     # The whole call is constrained: the block's opening names the tool, the content is its schema.
     tags = tag["format"]["tags"]
     assert tags and all(t["begin"].startswith("<tool_call>") for t in tags)
-    assert any(t["content"]["json_schema"] == req.tools[0].function.parameters for t in tags)
+    weather = next(t for t in tags if '"get_weather"' in t["begin"])
+    assert accepts(weather["content"], '{"city": "Paris"}') and not accepts(weather["content"], '{"town": "Paris"}')
     if choice == "named":
         assert {t["begin"].split('"name": "')[1].split('"')[0] for t in tags} == {"get_weather"}
     else:  # two calls are joined as the template joins them, or the grammar stops after one
@@ -390,7 +393,17 @@ def test_unusable_schema_is_a_400_naming_the_tool(tok, name, schema, reason, cho
     assert err.code == 400 and err.param == "tools[1].function.parameters"
 
 
-def test_call_grammar_arguments_are_objects_with_bounded_whitespace(tok):
+def accepts(fmt: dict, text: str) -> bool:
+    """Whether one structural-tag format (as the engine compiles it) matches `text` whole."""
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = xgrammar.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": fmt}))
+    return _is_grammar_accept_string(grammar, text)
+
+
+def test_call_grammar_arguments_are_objects_in_the_template_style(tok):
+    """JSON that ends: arguments are objects written exactly as the template writes them
+    (", " and ": "), with no other whitespace anywhere between tokens."""
     tools = [{"type": "function", "function": {"name": "anything"}},  # no parameters at all
              {"type": "function", "function": {"name": "empty", "parameters": {}}},
              {"type": "function", "function": {"name": "untyped", "parameters": {"properties": {"a": {"type": "integer"}}}}},
@@ -398,19 +411,34 @@ def test_call_grammar_arguments_are_objects_with_bounded_whitespace(tok):
     for choice in ("auto", "required", {"type": "function", "function": {"name": "untyped"}}):
         req = request(False, tools=tools, tool_choice=choice)
         tag = compose(tok)(tok, req.tools, chat_template_kwargs={}).adjust_request(req).structured_outputs.structural_tag
-        contents = [t["content"] for t in json.loads(tag)["format"]["tags"]]
-        assert contents and all(c["json_schema"].get("type") == "object" for c in contents)
-        assert all(c["max_whitespace_cnt"] == plugin.MAX_WHITESPACE_RUN for c in contents)
+        contents = {t["begin"].split('"name": "')[1].split('"')[0]: t["content"] for t in json.loads(tag)["format"]["tags"]}
+        assert contents and all(c["type"] == "grammar" for c in contents.values())
+        for name, fmt in contents.items():
+            assert not accepts(fmt, "5") and not accepts(fmt, '"x"')  # always an object
+        if "untyped" in contents:
+            fmt = contents["untyped"]
+            assert accepts(fmt, '{"a": 1}') and accepts(fmt, "{}")
+            for loose in ('{"a":1}', '{ "a": 1}', '{"a": 1 }', '{"a":  1}', '{"a": 1}\n', '{\n"a": 1}'):
+                assert not accepts(fmt, loose), loose
+        if "get_weather" in contents:
+            fmt = contents["get_weather"]
+            assert accepts(fmt, '{"city": "New York"}')  # spaces inside a string are the value's own
+            assert not accepts(fmt, '{"city": "Paris", "extra": 1}') and not accepts(fmt, "{}")
+        if "anything" in contents:
+            assert accepts(contents["anything"], '{"k": [1, 2], "o": {"x": null}}')
         if choice == "auto":  # free text around calls never holds a stray closing tag
             assert json.loads(tag)["format"]["excludes"] == ["</tool_call>"]
-    # A response_format OR-ed into an auto request is the client's own constraint: left alone.
+    # A response_format OR-ed into an auto request is the client's own constraint, written compact
+    # as vLLM writes response_format elsewhere (disable_any_whitespace).
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
     req = request(False, tool_choice="auto",
                   response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     tag = json.loads(compose(tok)(tok, req.tools, chat_template_kwargs={}).adjust_request(req).structured_outputs.structural_tag)
     (tools_part, output_part) = tag["format"]["elements"]
-    assert output_part["json_schema"] == schema and output_part.get("max_whitespace_cnt") is None
-    assert all(t["content"]["max_whitespace_cnt"] == 1 for t in tools_part["tags"])
+    assert output_part["type"] == "grammar"
+    assert accepts(output_part, '{"answer":"a b"}') and not accepts(output_part, '{"answer": "a b"}')
+    assert not accepts(output_part, '{"answer":"a"}\n') and not accepts(output_part, '{"other":"a"}')
+    assert all(t["content"]["type"] == "grammar" for t in tools_part["tags"])
 
 
 def test_required_keys_are_declared_for_the_grammar():
@@ -420,23 +448,23 @@ def test_required_keys_are_declared_for_the_grammar():
                                                "closed": {"type": "object", "required": ["x"],
                                                           "additionalProperties": False}},
               "required": ["population"]}
-    got = plugin.object_schema(schema)
+    got = call_grammar.object_schema(schema)
     assert got["properties"]["population"]["properties"] == {"adults": {}}
     assert "properties" not in got["properties"]["closed"]  # unsatisfiable as sent: left alone
-    assert plugin.object_schema({"properties": {}})["type"] == "object"
-    assert plugin.object_schema(None) == plugin.object_schema(True) == {"type": "object"}
+    assert call_grammar.object_schema({"properties": {}})["type"] == "object"
+    assert call_grammar.object_schema(None) == call_grammar.object_schema(True) == {"type": "object"}
     assert schema["properties"]["population"] == {"type": "object", "required": ["adults"]}  # not mutated
 
 
 def test_schema_check_is_cached():
-    plugin._schema_problem.cache_clear()
+    call_grammar._schema_problem.cache_clear()
     big = {"type": "object", "properties": {f"p{i}": {"type": "string", "enum": [f"v{j}" for j in range(20)]}
                                             for i in range(40)}}
     tools = [ChatCompletionRequest(model="m", messages=MESSAGES, tools=[
         {"type": "function", "function": {"name": "big", "parameters": big}}]).tools[0]]
     for _ in range(3):
-        plugin.check_tool_schemas(tools)
-    info = plugin._schema_problem.cache_info()
+        call_grammar.check_tool_schemas(tools)
+    info = call_grammar._schema_problem.cache_info()
     assert (info.misses, info.hits) == (1, 2)
 
 

@@ -28,7 +28,7 @@ from agentloop.rl.zero_adapter import write_zero_adapter
 from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.client import Engine, EnginePool, HttpEngine, Reverify
 from agentloop.serve.engine.router import ServedVersions
-from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
+from agentloop.serve.engine.supervisor import EngineProcess, engine_failure, vllm_argv, vllm_env
 from agentloop.serve.settings import Settings
 from agentloop.templates.registry import get_template
 
@@ -88,10 +88,29 @@ class Boot:
                                      on_exit=lambda code: self.pool.engines[0].mark_down(f"process exited ({code})"))
         self.state = "starting engine"
         await self.process.start()
-        if await self.pool.wait_ready(s.engine_startup_timeout):
+        if await self._first_ready(s.engine_startup_timeout):
             self.state = "running"
         else:
             self.state = f"engine not ready after {s.engine_startup_timeout:.0f}s (see {self.process.log_path})"
+
+    async def _first_ready(self, timeout: float) -> bool:
+        """Wait for the engine's first ready. An engine that exits before it ever was
+        ready cannot start as configured (a context whose KV cache does not fit, a
+        broken model folder): restarting it forever would only hide why, so the boot
+        fails with vLLM's own reason. After the first ready, exits are restarted."""
+        proc = self.process
+        assert proc is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.pool.ready:
+                return True
+            if proc.restarts or (proc.proc is not None and proc.proc.poll() is not None):
+                code = proc.proc.returncode if proc.proc is not None else None
+                await proc.stop()
+                raise RuntimeError(f"the engine exited ({code}) before it was ready: "
+                                   f"{engine_failure(proc.log_path)} (log: {proc.log_path})")
+            await asyncio.sleep(0.2)
+        return self.pool.ready
 
     async def _model_dir(self) -> str:
         s = self.settings

@@ -39,6 +39,8 @@ class Engine(ABC):
 
     url: str
     inflight: int = 0
+    # The engine's context length (prompt plus answer), as it reports it; None until known.
+    max_model_len: int | None = None
 
     @property
     @abstractmethod
@@ -128,7 +130,10 @@ class HttpEngine(Engine):
             self.mark_down(self.last_error or "health check failed")
             return False
         if not self._healthy:
-            log.info("engine %s is healthy", self.url)
+            # The context is the engine's own (a restart may have changed it): read it
+            # before the engine counts as ready, so no request runs without it.
+            self.max_model_len = await self._context_length()
+            log.info("engine %s is healthy (context %s tokens)", self.url, self.max_model_len)
             self._healthy = True
             self.last_error = None
         await self.sync_adapters()
@@ -158,6 +163,13 @@ class HttpEngine(Engine):
                 self._synced.add(name)
             if not changed:
                 return
+
+    async def _context_length(self) -> int | None:
+        """The base model's `max_model_len` from vLLM's /v1/models (adapters report the same)."""
+        r = await self._client.get("/v1/models", timeout=10.0)
+        r.raise_for_status()
+        lens = [m.get("max_model_len") for m in r.json().get("data", []) if m.get("parent") is None]
+        return next((n for n in lens if isinstance(n, int) and n > 0), None)
 
     async def _loaded_models(self) -> set[str]:
         r = await self._client.get("/v1/models", timeout=10.0)
@@ -271,6 +283,12 @@ class EnginePool:
     @property
     def ready(self) -> bool:
         return any(e.ready for e in self.engines)
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context of the ready engines (a request may go to any), None if none is known."""
+        lens = [e.max_model_len for e in self.engines if e.ready and e.max_model_len]
+        return min(lens) if lens else None
 
     async def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -36,9 +37,10 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 
 
 def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, tool_parser: str,
-              reasoning_parser: str | None, max_model_len: int, max_lora_rank: int, max_loras: int,
+              reasoning_parser: str | None, max_model_len: int | None, max_lora_rank: int, max_loras: int,
               extra: list[str] | None = None) -> list[str]:
-    """The vLLM command line the gateway relies on (tools, reasoning, runtime LoRA)."""
+    """The vLLM command line the gateway relies on (tools, reasoning, runtime LoRA,
+    compact structured output). No max_model_len: vLLM takes the model's own."""
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
@@ -53,11 +55,19 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
         "--enable-lora",
         "--max-lora-rank", str(max_lora_rank),
         "--max-loras", str(max_loras),
-        "--max-model-len", str(max_model_len),
         "--dtype", "bfloat16",
+        # JSON that ends: response_format grammars (json_schema, json_object) allow no
+        # whitespace between tokens, so a constrained answer stops when its value does
+        # instead of running on in newlines to max_tokens. vLLM only takes the flag with
+        # an explicit xgrammar or guidance backend; xgrammar is the one that also builds
+        # the tool-call structural tags (whose arguments serve/inside_vllm/parsers.py
+        # makes whitespace-free itself, as the flag does not reach tags).
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         "--disable-uvicorn-access-log",
         "--uvicorn-log-level", "warning",
     ]
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
     if reasoning_parser:
         argv += ["--reasoning-parser", reasoning_parser]
     return argv + list(extra or [])
@@ -74,6 +84,37 @@ def vllm_env(*, kvcache_space_gib: int) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     })
     return env
+
+
+_START_MARK = b"=== agentloop: starting engine"
+
+
+def engine_failure(log_path: Path, tail_bytes: int = 256 * 1024, limit: int = 1500) -> str:
+    """Why the last engine start failed, from its log: the last exception line
+    ("ValueError: To serve at least one request ... KV cache ...") with the lines
+    that go on its message (a pydantic error puts the reason on the next one),
+    else the last line. A "see root cause above" line points at the one to show."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            data = f.read()
+    except OSError as e:
+        return f"(no engine log: {e})"
+    data = data[data.rfind(_START_MARK) + 1:] if _START_MARK in data else data
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if "Error: " in ln or "Exception: " in ln]
+    # vLLM's front end ends with "Engine core initialization failed. See root cause above.":
+    # the root cause is the one to show.
+    starts = [i for i in starts if "root cause above" not in lines[i]] or starts
+    if not starts:
+        return (lines or ["(empty engine log)"])[-1][-limit:]
+    message = []
+    for ln in lines[starts[-1]:]:
+        if message and (ln.startswith(("Traceback", "File ", "For further information")) or "INFO" in ln):
+            break
+        message.append(ln)
+    return " ".join(message)[:limit]
 
 
 class EngineProcess:

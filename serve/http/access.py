@@ -83,7 +83,7 @@ class AccessMiddleware:
                 access.limiter.leave(p.caller)
 
 
-def token_ceiling(request: Request, default: int) -> int:
+def token_ceiling(request: Request, default: int | None) -> int | None:
     """The caller's max_tokens ceiling: their key's, else the gateway's default."""
     p: Principal | None = request.scope.get(PRINCIPAL)
     return p.limits.max_tokens if p is not None else default

@@ -38,9 +38,10 @@ pinned to its schema) before our `adjust_request` runs; we then
   the engine's opaque fallback error;
 - make each tool's arguments grammar an object (a missing/empty schema would
   let `"arguments": 5` through, which is no call) whose required keys are all
-  writable, allow at most one whitespace character in a row between JSON
-  tokens (an unbounded run lets a small model fill `max_tokens` with newlines
-  inside a call), and keep a stray `</tool_call>` out of auto-mode text.
+  writable, written in the template's JSON style (", " and ": ") with no
+  other whitespace between tokens (free whitespace lets a small model fill
+  `max_tokens` with newlines inside a call), and keep a stray `</tool_call>`
+  out of auto-mode text.
 Only the grammar changes; the prompt already shows the tools as sent.
 Because the grammar cannot leave a `<tool_call>` open except by being cut
 off (max_tokens, a stop string), an unclosed block is dropped in both
@@ -51,13 +52,10 @@ content at all: a cut forced call is finish_reason "length", no tool_calls.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import xgrammar
 
 from vllm import envs
 from vllm.entrypoints.generate.base.protocol import (
@@ -68,7 +66,6 @@ from vllm.entrypoints.generate.base.protocol import (
     FunctionCall,
     ToolCall,
 )
-from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.reasoning import ReasoningParser, ReasoningParserManager
 from vllm.renderers.chat_utils import make_tool_call_id
@@ -77,6 +74,7 @@ from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
 
 # The engine's environment has agentloop installed (these parsers are its entry points),
 # also when vLLM loads this file by path (--tool-parser-plugin).
+from agentloop.serve.inside_vllm.call_grammar import check_tool_schemas, constrain_call_tag
 from agentloop.templates import parsing
 
 logger = init_logger(__name__)
@@ -136,142 +134,6 @@ def _forced(request: Any) -> bool:
     """tool_choice "required" or a named function: the output must be calls."""
     choice = getattr(request, "tool_choice", None)
     return choice == "required" or (choice is not None and not isinstance(choice, str))
-
-
-# ------------------------------------------------------------ call grammar
-
-# Most whitespace characters in a row between JSON tokens of the arguments.
-# One keeps the template's own `{"a": 1, "b": 2}` style possible.
-MAX_WHITESPACE_RUN = 1
-
-
-# Where a JSON Schema nests subschemas: by name, in lists, or as one value.
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-
-
-def _declare_required(node: Any) -> Any:
-    """Copy of `node` where every object's `required` keys are in its `properties`.
-
-    xgrammar writes only declared properties (undeclared ones count as not
-    allowed), so a key that is required but not declared -- valid JSON Schema,
-    the key may hold anything -- could never be written: the grammar would
-    force an object that fails the schema. Declaring it as `{}` (any value)
-    is what the schema means. Left alone under `additionalProperties: false`,
-    where the schema itself cannot be met.
-    """
-    if isinstance(node, list):
-        return [_declare_required(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = dict(node)
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: _declare_required(v) for name, v in out[key].items()}
-    for key in _SUBSCHEMA_LISTS + _SUBSCHEMA_ONE:
-        if key in out:
-            out[key] = _declare_required(out[key])
-    required = out.get("required")
-    props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
-    if isinstance(required, list) and out.get("additionalProperties") is not False:
-        missing = [r for r in required if isinstance(r, str) and r not in props]
-        if missing:
-            out["properties"] = {**props, **{r: {} for r in missing}}
-    return out
-
-
-def object_schema(schema: Any) -> dict[str, Any]:
-    """The arguments grammar for a tool's `parameters`, always an object schema.
-
-    None, `true` and `{}` mean "any arguments": any object. A schema without a
-    type gets `"type": "object"` (alongside `$ref`/`anyOf`, xgrammar
-    intersects). Raises ValueError for a schema that cannot describe an object.
-    """
-    if schema is None or schema is True:
-        return {"type": "object"}
-    if not isinstance(schema, dict):
-        raise ValueError("must be a JSON Schema object")
-    kind = schema.get("type")
-    if kind is None or (isinstance(kind, list) and "object" in kind):
-        schema = {**schema, "type": "object"}
-    elif kind != "object":
-        raise ValueError(f'must be a JSON Schema of "type": "object", got "type": {json.dumps(kind)}')
-    return _declare_required(schema)
-
-
-def _arguments_format(schema: Any) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE_RUN}
-
-
-@functools.lru_cache(maxsize=512)
-def _schema_problem(schema_json: str) -> str | None:
-    """Why xgrammar cannot build the arguments grammar, or None. Cached per
-    schema text: a client sends the same tools again and again."""
-    schema = json.loads(schema_json)
-    tag = {"type": "structural_tag", "format": _arguments_format(schema)}
-    try:
-        xgrammar.Grammar.from_structural_tag(json.dumps(tag))
-    except Exception as e:  # xgrammar raises RuntimeError with a C++ location prefix
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        return message.split(": ", 1)[-1] if message.startswith("[") else message
-    return None
-
-
-def check_tool_schemas(tools: Sequence[Any]) -> None:
-    """Raise VLLMValidationError (HTTP 400) naming the first tool whose parameters
-    the grammar backend cannot use."""
-    for i, tool in enumerate(tools):
-        function = getattr(tool, "function", None)
-        if function is None:
-            continue
-        where = f"tools[{i}].function.parameters"
-        try:
-            schema = object_schema(function.parameters)
-        except ValueError as e:
-            raise VLLMValidationError(f"Invalid schema for function '{function.name}': {where} {e}.",
-                                      parameter=where) from None
-        problem = _schema_problem(json.dumps(schema, sort_keys=True))
-        if problem is not None:
-            raise VLLMValidationError(
-                f"Invalid schema for function '{function.name}': {where} cannot be used to constrain "
-                f"tool calls: {problem}", parameter=where)
-
-
-def constrain_call_tag(structural_tag: str, open_tag: str, close_tag: str, separator: str = "\n") -> str:
-    """Rewrite vLLM's tool-call structural tag: every call's arguments format
-    gets an object schema and the whitespace bound, and the free text of auto
-    mode may not contain `close_tag` (outside a call it is only ever stray
-    markup, which would reach the client as content). Other formats in the
-    tag (e.g. a response_format OR-ed in for auto) are left alone."""
-    tag = json.loads(structural_tag)
-
-    def visit(node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                visit(item)
-            return
-        if not isinstance(node, dict):
-            return
-        if node.get("type") == "triggered_tags" and open_tag in (node.get("triggers") or ()):
-            excludes = list(node.get("excludes") or [])
-            node["excludes"] = excludes + ([close_tag] if close_tag not in excludes else [])
-        if (node.get("type") == "tags_with_separator" and not node.get("separator")
-                and any(str(t.get("begin", "")).startswith(open_tag) for t in node.get("tags") or ())):
-            # vLLM joins forced calls with "", but our template (what the model
-            # was trained on) puts a newline between two calls: with "" the
-            # grammar could only end the turn after the first call.
-            node["separator"] = separator
-        content = node.get("content")
-        if (node.get("type") == "tag" and str(node.get("begin", "")).startswith(open_tag)
-                and isinstance(content, dict) and content.get("type") == "json_schema"):
-            node["content"] = {**content, **_arguments_format(object_schema(content.get("json_schema")))}
-            return
-        for value in node.values():
-            visit(value)
-
-    visit(tag)
-    return json.dumps(tag)
 
 
 def dedupe_tool_calls() -> bool:

@@ -100,7 +100,7 @@ class Limits:
     rpm: int
     max_streams: int
     max_body_bytes: int
-    max_tokens: int
+    max_tokens: int | None  # None: the context length is the only bound
 
 
 @dataclass(frozen=True)

@@ -42,23 +42,29 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def apply_token_ceiling(req: protocol.ChatRequest, engine_body: dict[str, Any], ceiling: int,
-                        max_model_len: int) -> None:
+def apply_token_ceiling(req: protocol.ChatRequest, engine_body: dict[str, Any], ceiling: int | None,
+                        max_model_len: int | None) -> None:
     """Refuse a max_tokens / max_completion_tokens above the caller's ceiling (400
     naming the parameter); cap a request that sets neither at the ceiling.
 
     Capping rather than refusing the unset case keeps every OpenAI client
     working (most send no max_tokens). The cap is only sent when it is below
-    the context length (AGENTLOOP_MAX_MODEL_LEN): vLLM refuses a max_tokens
-    above its max_model_len, and below it takes the smaller of max_tokens and
-    what the prompt left, so the cap never turns a fitting prompt into an error;
-    at or above it, the context already bounds the answer more tightly."""
+    the engine's context length: vLLM refuses a max_tokens above its
+    max_model_len, and below it takes the smaller of max_tokens and what the
+    prompt left, so the cap never turns a fitting prompt into an error; at or
+    above it, the context already bounds the answer more tightly. With no
+    ceiling (None) the context is the only bound, and a prompt plus max_tokens
+    over it is the engine's 400, in vLLM's words. An unknown context (no
+    engine has answered yet) sends the cap: the request cannot run anyway."""
+    if ceiling is None:
+        return
     for name in ("max_completion_tokens", "max_tokens"):
         value = getattr(req, name, None)
         if value is not None and value > ceiling:
             raise InvalidRequest(f"'{name}' is {value}, above this key's limit of {ceiling} tokens.",
                                  param=name, code="max_tokens_above_limit")
-    if req.max_tokens is None and req.max_completion_tokens is None and ceiling < max_model_len:
+    if req.max_tokens is None and req.max_completion_tokens is None and (
+            max_model_len is None or ceiling < max_model_len):
         engine_body["max_tokens"] = ceiling
         req.max_tokens = ceiling  # so a turn cut at the ceiling is reported as "length"
 
@@ -74,12 +80,11 @@ class ChatResult:
 
 class ChatService:
     def __init__(self, router: ServedVersions, pool: EnginePool, writer: LogWriter, metrics: Metrics, *,
-                 max_model_len: int, spawn: Callable[[Any], None] | None = None):
+                 spawn: Callable[[Any], None] | None = None):
         self.router = router
         self.pool = pool
         self.writer = writer
         self.metrics = metrics
-        self.max_model_len = max_model_len
         self._spawn = spawn or self._own_spawn
         self._tasks: set[asyncio.Task] = set()
 
@@ -97,7 +102,7 @@ class ChatService:
         if not self.writer.submit(row):
             self._spawn(self.writer.asubmit(row))  # queue full: back-pressure off the response path
 
-    async def create(self, body: dict[str, Any], *, caller: str, max_tokens_ceiling: int,
+    async def create(self, body: dict[str, Any], *, caller: str, max_tokens_ceiling: int | None,
                      started: float | None = None) -> ChatResult:
         """Run one chat completion for `caller` on a parsed request body (protocol.parse_body)."""
         t0 = time.perf_counter() if started is None else started
@@ -129,7 +134,7 @@ class ChatService:
             self.router.acquire(version)
             row.update(served_model=version.name, version=version.version)
             ebody = protocol.prepare(body, req, version.name)
-            apply_token_ceiling(req, ebody, max_tokens_ceiling, self.max_model_len)
+            apply_token_ceiling(req, ebody, max_tokens_ceiling, self.pool.max_model_len)
             ebody["_request_id"] = rid
             agen = self.pool.chat(ebody)
             self.metrics.inflight.inc()
