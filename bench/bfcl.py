@@ -28,7 +28,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bfcl_ast import CATEGORIES, check_calls, load_category, to_openai_tool  # noqa: E402
+from bench.docs import write_generated  # noqa: E402
 
 DATA = Path("/work/shared/bfcl")
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -260,30 +260,9 @@ def table(sides: dict[str, list[dict]], categories: list[str], modes: list[str])
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- bench.bfcl: generated, do not edit -->", "<!-- bench.bfcl: end -->"
-
-
 def write_section(generated: str, path: Path = DOCS) -> None:
-    """Put `generated` between our markers in our section of the shared benchmarks file.
-
-    Text of the section outside the markers (hand-written findings) and every other
-    section are kept; a missing section is appended, a missing file created.
-    """
-    block = f"{BEGIN}\n{generated.strip()}\n{END}"
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = doc.find(SECTION + "\n")
-    if start < 0:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    else:
-        nxt = re.search(r"^## ", doc[start + len(SECTION):], flags=re.M)
-        end = start + len(SECTION) + nxt.start() if nxt else len(doc)
-        body = doc[start:end]
-        if BEGIN in body and END in body:
-            body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END):]
-        else:
-            body = body.rstrip("\n") + f"\n\n{block}\n"
-        doc = doc[:start] + body.rstrip("\n") + "\n" + ("\n" + doc[end:] if nxt else "")
-    path.write_text(doc, encoding="utf-8")
+    """Our generated block in our section of the shared benchmarks file (bench/docs.py)."""
+    write_generated(path, SECTION, "bench.bfcl", generated)
 
 
 def section(args: argparse.Namespace, body: str, cache: dict[str, dict[str, float]], minutes: float) -> str:

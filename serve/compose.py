@@ -40,6 +40,16 @@ from agentloop.serve.services.loop import LoopRunner
 from agentloop.serve.settings import Settings
 from agentloop.serve.store.db import Store
 from agentloop.serve.store.logwriter import LogWriter
+from agentloop.serve.protocol import ThinkingBudgets
+from agentloop.templates.registry import get_template
+
+
+def thinking_budgets(settings: Settings) -> ThinkingBudgets:
+    """The thinking budgets of this deployment; none where the template has no thinking mode
+    (its engine then has no reasoning config, and a budget would be vLLM's 400)."""
+    tpl = get_template(settings.template)
+    return ThinkingBudgets(default=settings.thinking_budget, by_effort=dict(settings.thinking_effort_budgets),
+                           enabled=tpl.supports_thinking and tpl.reasoning_parser is not None)
 
 
 class Gateway:
@@ -84,7 +94,8 @@ class Gateway:
         self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
         self.loop = LoopRunner(s, self.store, self.adapters, self.pool)
         await asyncio.to_thread(self.loop.recover)
-        self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn)
+        self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn,
+                                thinking=thinking_budgets(s))
         await self.pool.start()
         if self.boot is not None:
             self.spawn(self.boot.run())

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from agentloop.serve.errors import InvalidRequest
-from agentloop.templates.reasoning import request_template_kwargs
+from agentloop.templates.reasoning import request_template_kwargs, thinking_enabled
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields a client may not set through the gateway: the chat template is the
@@ -55,6 +57,8 @@ class ChatRequest(BaseModel):
     parallel_tool_calls: StrictBool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Ours (extra_body): tokens of thinking before the engine closes it (see ThinkingBudgets).
+    thinking_budget: StrictInt | None = Field(None, ge=0)
 
 
 def _loc(err: dict) -> str:
@@ -169,13 +173,49 @@ def validate(body: dict[str, Any]) -> ChatRequest:
     return req
 
 
-def prepare(body: dict[str, Any], req: ChatRequest, served_model: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ThinkingBudgets:
+    """How long a thinking request may think before the engine writes the template's
+    end of thinking and goes on to the answer (vLLM's per-request `thinking_token_budget`,
+    enforced inside the engine). Built from Settings (thinking_budget,
+    thinking_effort_budgets) for a template that has a thinking mode.
+
+    A request's own `thinking_budget` (or vLLM's `thinking_token_budget`) is taken as
+    sent; otherwise a thinking request gets its `reasoning_effort`'s budget or the
+    default, capped at half its max_tokens so that an answer always has room."""
+
+    default: int | None = 1024
+    by_effort: Mapping[str, int] = field(default_factory=dict)
+    enabled: bool = True  # False: the template has no thinking mode (the engine no reasoning config)
+
+    def budget(self, body: Mapping[str, Any], req: ChatRequest, thinking: bool) -> int | None:
+        if req.thinking_budget is not None or body.get("thinking_token_budget") is not None:
+            if not self.enabled:
+                param = "thinking_budget" if req.thinking_budget is not None else "thinking_token_budget"
+                raise InvalidRequest("This model's chat template has no thinking mode.", param=param)
+            return req.thinking_budget  # None: vLLM's own field goes through as sent
+        if not thinking or not self.enabled:
+            return None
+        budget = self.by_effort.get(req.reasoning_effort or "", self.default)
+        limit = _token_limit(req)
+        if budget is not None and limit is not None:
+            budget = min(budget, limit // 2)
+        return budget
+
+
+def prepare(body: dict[str, Any], req: ChatRequest, served_model: str,
+            thinking: ThinkingBudgets | None = None) -> dict[str, Any]:
     """The body sent to the engine for a validated client body."""
     out = dict(body)
     out["model"] = served_model
     # reasoning_effort becomes the template's thinking switch, as training renders it.
     out["chat_template_kwargs"] = request_template_kwargs(body)
     out.pop("reasoning_effort", None)
+    out.pop("thinking_budget", None)
+    budget = (thinking or ThinkingBudgets()).budget(
+        body, req, thinking_enabled(out["chat_template_kwargs"]))
+    if budget is not None:
+        out["thinking_token_budget"] = budget
     if req.stream:
         opts = dict(req.stream_options or {})
         opts["include_usage"] = True

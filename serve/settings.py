@@ -41,6 +41,17 @@ class Settings(BaseSettings):
         "The gateway reads the context each engine really has from its /v1/models, so attached engines need "
         "nothing here. A context whose KV cache does not fit in kvcache_space_gib fails the start with "
         "vLLM's reason (in /health and the log)."))
+    thinking_budget: int | None = Field(1024, ge=0, description=(
+        "Tokens a thinking request may think when it names no budget (extra_body thinking_budget) and no "
+        "reasoning_effort; then the engine writes the end of thinking and the answer follows. Capped at half "
+        "of the request's max_tokens, so a default never leaves no room for the answer. None: unbounded."))
+    thinking_effort_budgets: dict[str, int] = Field(
+        default_factory=lambda: {"minimal": 64, "low": 256, "medium": 1024, "high": 4096},
+        description="Thinking budget in tokens for each OpenAI reasoning_effort (capped as thinking_budget is).")
+    thinking_close: bool = Field(True, description=(
+        "Close a thinking block the model tries to end its turn in, so that the answer follows "
+        "(serve/inside_vllm/think_end.py, a logits processor in the supervised engine). False leaves "
+        "thinking as the model writes it: a small model then often answers inside its thinking, with no content."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(

@@ -40,6 +40,11 @@ class ChatTemplate:
     tool_parser: str  # vLLM --tool-call-parser name (registered by templates.vllm_plugin)
     reasoning_parser: str | None  # vLLM --reasoning-parser name, None if no thinking mode
     supports_thinking: bool
+    # The end-of-thinking marker as the template writes it after the reasoning; the engine
+    # writes it when a thinking budget is spent or the model tries to end inside its
+    # thinking (vLLM's reasoning_end_str). Only up to the marker: what follows (the
+    # template's newlines, the answer) is the model's, under the request's grammar if any.
+    reasoning_end: str | None = None
 
 
 _TEMPLATES: dict[str, ChatTemplate] = {
@@ -51,6 +56,7 @@ _TEMPLATES: dict[str, ChatTemplate] = {
             tool_parser="agentloop_hermes",
             reasoning_parser="agentloop_think",
             supports_thinking=True,
+            reasoning_end="\n</think>",
         ),
         ChatTemplate(
             name="llama3-json",

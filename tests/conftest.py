@@ -36,7 +36,8 @@ ENGINE_FIXTURES = {"server", "tiny_model"}
 # `pytestmark = pytest.mark.engine`). A run that leaves `engine` out does not even import
 # them: their imports alone cost ~17 s of collection on this machine.
 ENGINE_MODULES = {"test_default_model.py", "test_default_model_serving.py", "test_lora_bleed.py",
-                  "test_lora_kernels.py", "test_rl_training.py", "test_shared_prefix.py", "test_vllm_plugin.py"}
+                  "test_lora_kernels.py", "test_rl_training.py", "test_shared_prefix.py", "test_think_end.py",
+                  "test_vllm_plugin.py"}
 
 
 def _engine_excluded(config) -> bool:

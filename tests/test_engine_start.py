@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from agentloop.serve.engine.supervisor import engine_failure, vllm_argv
+from agentloop.serve.engine.supervisor import CLOSE_THINKING, engine_failure, vllm_argv
 
 ARGS = dict(model="/m", served_name="agentloop-base", port=1, chat_template="/t.jinja", tool_parser="p",
             reasoning_parser=None, max_lora_rank=16, max_loras=4)
@@ -30,6 +30,14 @@ def test_structured_output_has_no_free_whitespace():
     config = json.loads(flag(vllm_argv(max_model_len=None, **ARGS), "--structured-outputs-config"))
     # vLLM takes disable_any_whitespace only with a named xgrammar or guidance backend.
     assert config == {"backend": "xgrammar", "disable_any_whitespace": True}
+
+
+def test_thinking_gets_the_templates_end_marker_and_the_closing_processor():
+    argv = vllm_argv(max_model_len=None, **{**ARGS, "reasoning_parser": "agentloop_think"}, reasoning_end="\n</think>")
+    assert json.loads(flag(argv, "--reasoning-config")) == {"reasoning_end_str": "\n</think>"}
+    assert flag(argv, "--logits-processors") == CLOSE_THINKING
+    plain = vllm_argv(max_model_len=None, **ARGS)  # a template without thinking: neither
+    assert "--reasoning-config" not in plain and "--logits-processors" not in plain
 
 
 def test_engine_failure_is_the_last_starts_last_error_with_its_message(tmp_path):

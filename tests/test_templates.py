@@ -99,6 +99,9 @@ def test_registry_table():
     assert (chatml.tool_parser, chatml.reasoning_parser, chatml.supports_thinking) == ("agentloop_hermes", "agentloop_think", True)
     llama = get_template("llama3-json")
     assert (llama.tool_parser, llama.reasoning_parser, llama.supports_thinking) == ("agentloop_llama3_json", None, False)
+    # The joint the engine writes when a thinking budget is spent is the template's own.
+    turn = render("chatml-tools", [USER, {"role": "assistant", "reasoning_content": "R.", "content": "C."}])
+    assert "R." + chatml.reasoning_end + "\n\nC." in turn and llama.reasoning_end is None
     assert chatml.path.is_file() and template_text("chatml-tools") == chatml.path.read_text()
     with pytest.raises(KeyError, match="chatml-tools"):
         get_template("nope")

@@ -79,9 +79,9 @@ class Boot:
         tpl = get_template(s.template)
         argv = vllm_argv(
             model=model, served_name=f"{s.alias}-base", port=s.engine_port, chat_template=str(tpl.path),
-            tool_parser=tpl.tool_parser, reasoning_parser=tpl.reasoning_parser,
+            tool_parser=tpl.tool_parser, reasoning_parser=tpl.reasoning_parser, reasoning_end=tpl.reasoning_end,
             max_model_len=s.max_model_len, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
-            extra=s.engine_extra_args,
+            close_thinking=s.thinking_close, extra=s.engine_extra_args,
         )
         self.process = EngineProcess(argv, vllm_env(kvcache_space_gib=s.kvcache_space_gib),
                                      s.home / "logs" / f"engine-{s.engine_port}.log",

@@ -26,6 +26,8 @@ from pathlib import Path
 log = logging.getLogger("agentloop.supervisor")
 
 _PR_SET_PDEATHSIG = 1
+# Loaded by the engine, by name (this module never imports vllm).
+CLOSE_THINKING = "agentloop.serve.inside_vllm.think_end:CloseThinking"
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -38,6 +40,7 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 
 def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, tool_parser: str,
               reasoning_parser: str | None, max_model_len: int | None, max_lora_rank: int, max_loras: int,
+              reasoning_end: str | None = None, close_thinking: bool = True,
               extra: list[str] | None = None) -> list[str]:
     """The vLLM command line the gateway relies on (tools, reasoning, runtime LoRA,
     compact structured output). No max_model_len: vLLM takes the model's own."""
@@ -60,7 +63,7 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
         # whitespace between tokens, so a constrained answer stops when its value does
         # instead of running on in newlines to max_tokens. vLLM only takes the flag with
         # an explicit xgrammar or guidance backend; xgrammar is the one that also builds
-        # the tool-call structural tags (whose arguments serve/inside_vllm/parsers.py
+        # the tool-call structural tags (whose arguments serve/inside_vllm/call_grammar.py
         # makes whitespace-free itself, as the flag does not reach tags).
         "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         "--disable-uvicorn-access-log",
@@ -70,6 +73,13 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
         argv += ["--max-model-len", str(max_model_len)]
     if reasoning_parser:
         argv += ["--reasoning-parser", reasoning_parser]
+        if reasoning_end:
+            # What vLLM writes when a request's thinking_token_budget is spent: the
+            # template's own end marker, so the answer follows as the model was trained.
+            argv += ["--reasoning-config", json.dumps({"reasoning_end_str": reasoning_end})]
+        if close_thinking:
+            # A thinking turn that tries to end inside its thinking closes it and answers.
+            argv += ["--logits-processors", CLOSE_THINKING]
     return argv + list(extra or [])
 
 

@@ -80,8 +80,9 @@ class ChatResult:
 
 class ChatService:
     def __init__(self, router: ServedVersions, pool: EnginePool, writer: LogWriter, metrics: Metrics, *,
-                 spawn: Callable[[Any], None] | None = None):
+                 thinking: protocol.ThinkingBudgets | None = None, spawn: Callable[[Any], None] | None = None):
         self.router = router
+        self.thinking = thinking or protocol.ThinkingBudgets()
         self.pool = pool
         self.writer = writer
         self.metrics = metrics
@@ -133,7 +134,7 @@ class ChatService:
             version = self.resolve(req.model)
             self.router.acquire(version)
             row.update(served_model=version.name, version=version.version)
-            ebody = protocol.prepare(body, req, version.name)
+            ebody = protocol.prepare(body, req, version.name, self.thinking)
             apply_token_ceiling(req, ebody, max_tokens_ceiling, self.pool.max_model_len)
             ebody["_request_id"] = rid
             agen = self.pool.chat(ebody)
