@@ -114,7 +114,7 @@ def main() -> int:
         for r in rows[:3]:
             print(f"  {name}: {r['question']!r} -> reasoning {r['reasoning'][:60]!r} content {r['content'][:60]!r}")
     if not args.no_docs:
-        cmd = "`.venv/bin/python -m bench.thinking " + " ".join(sys.argv[1:]) + "`"
+        cmd = "`" + " ".join([".venv/bin/python -m bench.thinking", *sys.argv[1:]]) + "`"
         minutes = (time.monotonic() - t0) / 60
         write_generated(DOCS, SECTION, "bench.thinking", (
             f"Command: {cmd} (measured {dt.date.today()}, {minutes:.0f} min on the 2-core machine).\n\n"
