@@ -7,7 +7,10 @@ is appended, a missing file created.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import sys
+import time
 from pathlib import Path
 
 
@@ -32,3 +35,13 @@ def write_generated(path: Path, section: str, owner: str, generated: str) -> Non
             body = body.rstrip("\n") + f"\n\n{block}\n"
         doc = doc[:start] + body.rstrip("\n") + "\n" + ("\n" + doc[end:] if nxt else "")
     path.write_text(doc, encoding="utf-8")
+
+
+def write_run(path: Path, section: str, module: str, setup: str, body: str, started: float) -> None:
+    """The generated block of one bench run: the command that made it, when and how long
+    (`started` is a time.monotonic() reading), what was measured (`setup`), the table."""
+    cmd = "`" + " ".join([f".venv/bin/python -m {module}", *sys.argv[1:]]) + "`"
+    minutes = (time.monotonic() - started) / 60
+    write_generated(path, section, module, f"Command: {cmd} (measured {dt.date.today()}, {minutes:.0f} min on "
+                                           f"the 2-core machine).\n\n{setup}\n\n{body}")
+    print(f"wrote {path}")

@@ -17,11 +17,8 @@ table to docs/benchmarks.md under "## Thinking that answers" (its generated bloc
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +27,8 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.docs import write_generated  # noqa: E402
+from bench.docs import write_run  # noqa: E402
+from bench.gateways import gateway  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Thinking that answers"
@@ -62,21 +60,9 @@ def ask_all(url: str, questions: list[str], max_tokens: int, budget: int) -> lis
 
 
 def run_side(name: str, env: dict[str, str], model_dir: Path, args: argparse.Namespace) -> list[dict]:
-    from tests.conftest import start_gateway, stop_gateway
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    home = Path(tempfile.mkdtemp(prefix="bench-thinking-"))
-    try:
-        proc, url, _ = start_gateway(home, model_dir)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    try:
+    with gateway(model_dir, env=env) as url:
         print(f"{name}: gateway up, asking {len(args.questions_list)} questions", flush=True)
         return ask_all(url, args.questions_list, args.max_tokens, args.budget)
-    finally:
-        stop_gateway(proc)
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -114,15 +100,11 @@ def main() -> int:
         for r in rows[:3]:
             print(f"  {name}: {r['question']!r} -> reasoning {r['reasoning'][:60]!r} content {r['content'][:60]!r}")
     if not args.no_docs:
-        cmd = "`" + " ".join([".venv/bin/python -m bench.thinking", *sys.argv[1:]]) + "`"
-        minutes = (time.monotonic() - t0) / 60
-        write_generated(DOCS, SECTION, "bench.thinking", (
-            f"Command: {cmd} (measured {dt.date.today()}, {minutes:.0f} min on the 2-core machine).\n\n"
+        write_run(DOCS, SECTION, "bench.thinking", (
             f"Default model, thinking on, {len(args.questions_list)} short questions, `max_tokens` "
             f"{args.max_tokens}, `thinking_budget` {args.budget}, temperature 0, non-streamed; one gateway "
             f"and engine per side, one at a time. \"budget only\": `AGENTLOOP_THINKING_CLOSE=false` (vLLM's "
-            f"budget, nothing else); \"budget + close\": the default, with `CloseThinking`.\n\n{body}"))
-        print(f"wrote {DOCS}")
+            f"budget, nothing else); \"budget + close\": the default, with `CloseThinking`."), body, t0)
     return 0
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from agentloop.serve.errors import InvalidRequest
 from agentloop.templates.reasoning import request_template_kwargs, thinking_enabled
+from agentloop.templates.json_schema import bound_integers
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields a client may not set through the gateway: the chat template is the
@@ -212,6 +213,12 @@ def prepare(body: dict[str, Any], req: ChatRequest, served_model: str,
     out["chat_template_kwargs"] = request_template_kwargs(body)
     out.pop("reasoning_effort", None)
     out.pop("thinking_budget", None)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and isinstance(fmt.get("json_schema"), dict) and \
+            isinstance(fmt["json_schema"].get("schema"), dict):
+        # The grammar's copy only: an unbounded integer would let the model write digits for ever.
+        out["response_format"] = {**fmt, "json_schema": {**fmt["json_schema"],
+                                                         "schema": bound_integers(fmt["json_schema"]["schema"])}}
     budget = (thinking or ThinkingBudgets()).budget(
         body, req, thinking_enabled(out["chat_template_kwargs"]))
     if budget is not None:

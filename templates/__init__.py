@@ -1,7 +1,8 @@
 """agentloop chat templates and the parsers that read their output back.
 
 Owns: the public API of the `templates` package -- the template registry
-(`registry.py`) and the pure-python output parsers (`parsing.py`). The vLLM
+(`registry.py`), the pure-python output parsers (`parsing.py`) and the schema
+rewrites of the grammars that constrain the output (`json_schema.py`). The vLLM
 plugin (`vllm_plugin.py`) is deliberately not imported here.
 
 Invariant: importing this package never imports torch or vllm, so the gateway

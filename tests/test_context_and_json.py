@@ -122,3 +122,22 @@ def test_an_engine_that_cannot_start_fails_the_boot_with_vllms_reason(tiny_model
     assert "before it was ready" in str(e.value) and "max_model_len" in str(e.value), str(e.value)
     proc_log = (tmp_path / "gateway.log").read_text()
     assert "engine boot failed" in proc_log
+
+
+def test_langchain_structured_output_invokes_and_streams(server):
+    """LangChain's `with_structured_output(method="json_schema")`, as its users call it: the
+    compact grammar ends the object, so invoke and stream both parse into the model."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=10)
+        population: int = Field(ge=0, le=99999)
+
+    llm = ChatOpenAI(model="agentloop", base_url=server.base_url, api_key="test-key", temperature=0,
+                     max_tokens=120, max_retries=0)
+    structured = llm.with_structured_output(City, method="json_schema")
+    got = structured.invoke("Describe Paris.")
+    assert isinstance(got, City)
+    streamed = list(structured.stream("Describe Paris."))
+    assert streamed and isinstance(streamed[-1], City) and streamed[-1] == got

@@ -59,3 +59,25 @@ def test_a_template_without_thinking_refuses_a_budget():
         with pytest.raises(InvalidRequest) as e:
             engine_body(none, **{name: 10})
         assert e.value.param == name
+
+
+def test_response_format_integers_get_a_bound_in_the_engines_copy_only():
+    """An unbounded integer lets a grammar take digits for ever ("population": 1111...):
+    the engine's schema gets JSON's safe range where the client's has no bound."""
+    from agentloop.templates.json_schema import SAFE_INTEGER
+
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer"}, "m": {"type": ["integer", "null"], "minimum": 0},
+        "xs": {"type": "array", "items": {"type": "integer", "exclusiveMaximum": 10}},
+        "ref": {"$ref": "#/$defs/count"}, "s": {"type": "string"}},
+        "$defs": {"count": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    sent = engine_body(response_format=fmt)["response_format"]["json_schema"]
+    props = sent["schema"]["properties"]
+    assert (props["n"]["minimum"], props["n"]["maximum"]) == (-SAFE_INTEGER, SAFE_INTEGER)
+    assert (props["m"]["minimum"], props["m"]["maximum"]) == (0, SAFE_INTEGER)
+    assert props["xs"]["items"] == {"type": "integer", "exclusiveMaximum": 10, "minimum": -SAFE_INTEGER}
+    assert sent["schema"]["$defs"]["count"]["maximum"] == SAFE_INTEGER and props["s"] == {"type": "string"}
+    assert sent["name"] == "x" and sent["strict"] is True
+    assert schema["properties"]["n"] == {"type": "integer"}  # the client's (logged) body is untouched
+    assert engine_body(response_format={"type": "json_object"})["response_format"] == {"type": "json_object"}

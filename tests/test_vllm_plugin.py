@@ -418,6 +418,7 @@ def test_call_grammar_arguments_are_objects_in_the_template_style(tok):
         if "untyped" in contents:
             fmt = contents["untyped"]
             assert accepts(fmt, '{"a": 1}') and accepts(fmt, "{}")
+            assert accepts(fmt, '{"a": -9007199254740991}') and not accepts(fmt, '{"a": 11111111111111111111}')
             for loose in ('{"a":1}', '{ "a": 1}', '{"a": 1 }', '{"a":  1}', '{"a": 1}\n', '{\n"a": 1}'):
                 assert not accepts(fmt, loose), loose
         if "get_weather" in contents:

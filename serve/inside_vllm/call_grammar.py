@@ -22,6 +22,8 @@ from typing import Any
 import xgrammar
 from vllm.exceptions import VLLMValidationError
 
+from agentloop.templates.json_schema import bound_integers, transform
+
 # JSON that ends: a call's arguments are written in the template's own JSON style
 # (Jinja's `tojson` is json.dumps: ", " and ": "), the form every training row
 # has, with no other whitespace between tokens. Free whitespace let a small model
@@ -32,10 +34,14 @@ ARGUMENT_SEPARATORS = (", ", ": ")
 RESPONSE_SEPARATORS = (",", ":")
 
 
-# Where a JSON Schema nests subschemas: by name, in lists, or as one value.
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+def _declare_missing(out: dict[str, Any]) -> dict[str, Any]:
+    required = out.get("required")
+    props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
+    if isinstance(required, list) and out.get("additionalProperties") is not False:
+        missing = [r for r in required if isinstance(r, str) and r not in props]
+        if missing:
+            out["properties"] = {**props, **{r: {} for r in missing}}
+    return out
 
 
 def _declare_required(node: Any) -> Any:
@@ -48,24 +54,7 @@ def _declare_required(node: Any) -> Any:
     is what the schema means. Left alone under `additionalProperties: false`,
     where the schema itself cannot be met.
     """
-    if isinstance(node, list):
-        return [_declare_required(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = dict(node)
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: _declare_required(v) for name, v in out[key].items()}
-    for key in _SUBSCHEMA_LISTS + _SUBSCHEMA_ONE:
-        if key in out:
-            out[key] = _declare_required(out[key])
-    required = out.get("required")
-    props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
-    if isinstance(required, list) and out.get("additionalProperties") is not False:
-        missing = [r for r in required if isinstance(r, str) and r not in props]
-        if missing:
-            out["properties"] = {**props, **{r: {} for r in missing}}
-    return out
+    return transform(node, _declare_missing)
 
 
 def object_schema(schema: Any) -> dict[str, Any]:
@@ -73,7 +62,9 @@ def object_schema(schema: Any) -> dict[str, Any]:
 
     None, `true` and `{}` mean "any arguments": any object. A schema without a
     type gets `"type": "object"` (alongside `$ref`/`anyOf`, xgrammar
-    intersects). Raises ValueError for a schema that cannot describe an object.
+    intersects). Unbounded integers get JSON's safe range (tools/json_schema.py),
+    so a call cannot run on in digits. Raises ValueError for a schema that
+    cannot describe an object.
     """
     if schema is None or schema is True:
         return {"type": "object"}
@@ -84,7 +75,7 @@ def object_schema(schema: Any) -> dict[str, Any]:
         schema = {**schema, "type": "object"}
     elif kind != "object":
         raise ValueError(f'must be a JSON Schema of "type": "object", got "type": {json.dumps(kind)}')
-    return _declare_required(schema)
+    return bound_integers(_declare_required(schema))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -52,7 +52,6 @@ content at all: a cut forced call is finish_reason "length", no tool_calls.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
