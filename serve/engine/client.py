@@ -164,17 +164,19 @@ class HttpEngine(Engine):
             if not changed:
                 return
 
-    async def _context_length(self) -> int | None:
-        """The base model's `max_model_len` from vLLM's /v1/models (adapters report the same)."""
+    async def _models(self) -> list[dict[str, Any]]:
+        """vLLM's /v1/models cards: the base model and every loaded adapter."""
         r = await self._client.get("/v1/models", timeout=10.0)
         r.raise_for_status()
-        lens = [m.get("max_model_len") for m in r.json().get("data", []) if m.get("parent") is None]
+        return r.json().get("data", [])
+
+    async def _context_length(self) -> int | None:
+        """The base model's `max_model_len` (adapters report the same)."""
+        lens = [m.get("max_model_len") for m in await self._models() if m.get("parent") is None]
         return next((n for n in lens if isinstance(n, int) and n > 0), None)
 
     async def _loaded_models(self) -> set[str]:
-        r = await self._client.get("/v1/models", timeout=10.0)
-        r.raise_for_status()
-        return {m["id"] for m in r.json().get("data", [])}
+        return {m["id"] for m in await self._models()}
 
     async def _health_loop(self) -> None:
         while True:

@@ -102,10 +102,8 @@ def _arguments_format(schema: Any) -> dict[str, Any]:
 def _schema_problem(schema_json: str) -> str | None:
     """Why xgrammar cannot build the arguments grammar, or None. Cached per
     schema text: a client sends the same tools again and again."""
-    schema = json.loads(schema_json)
     try:
-        tag = {"type": "structural_tag", "format": _arguments_format(schema)}
-        xgrammar.Grammar.from_structural_tag(json.dumps(tag))
+        _arguments_format(json.loads(schema_json))  # the grammar the tag will carry, built (and cached)
     except Exception as e:  # xgrammar raises RuntimeError with a C++ location prefix
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         return message.split(": ", 1)[-1] if message.startswith("[") else message

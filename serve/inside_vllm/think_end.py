@@ -25,8 +25,8 @@ writes the end string (vLLM's budget forcing wins with its 1e9 logit; the
 scan for the close marker then ends this request's tracking), and it writes
 nothing past the marker: from there a request's grammar (a forced tool call,
 a json_schema) decides, and a forced token it forbids would end the request
-with an error. Requests with
-`ignore_eos`, or no thinking block open, are left alone.
+with an error. Requests with `ignore_eos`, or no thinking block open, are left
+alone.
 """
 
 from __future__ import annotations

@@ -53,8 +53,10 @@ def apply_token_ceiling(req: protocol.ChatRequest, engine_body: dict[str, Any], 
     max_model_len, and below it takes the smaller of max_tokens and what the
     prompt left, so the cap never turns a fitting prompt into an error; at or
     above it, the context already bounds the answer more tightly. With no
-    ceiling (None) the context is the only bound, and a prompt plus max_tokens
-    over it is the engine's 400, in vLLM's words. An unknown context (no
+    ceiling (None) the context is the only bound, and the engine applies it
+    (vLLM 0.32: a 400 in its words for a max_tokens above the context or a
+    prompt that fills it, else max_tokens clipped to what the prompt left;
+    docs/reliability.md). An unknown context (no
     engine has answered yet) sends the cap: the request cannot run anyway."""
     if ceiling is None:
         return
