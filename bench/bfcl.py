@@ -57,6 +57,7 @@ MARKUP = ("<tool_call>", "</tool_call>")
 
 def start_plain_vllm(model_dir: Path, home: Path) -> tuple[Any, str, str]:
     """Plain vLLM as the gateway would start it, but with vLLM's own hermes parser and no plugin."""
+    from agentloop.rl.precision import choose
     from agentloop.serve.settings import Settings
     from agentloop.serve.engine.supervisor import EngineProcess, vllm_argv, vllm_env
     from agentloop.templates.registry import get_template
@@ -67,7 +68,8 @@ def start_plain_vllm(model_dir: Path, home: Path) -> tuple[Any, str, str]:
     argv = vllm_argv(model=str(model_dir), served_name="plain", port=port,
                      chat_template=str(get_template("chatml-tools").path), tool_parser="hermes",
                      reasoning_parser=None, max_model_len=defaults["max_model_len"],
-                     max_lora_rank=defaults["max_lora_rank"], max_loras=defaults["max_loras"])
+                     max_lora_rank=defaults["max_lora_rank"], max_loras=defaults["max_loras"],
+                     dtype=choose(defaults["engine_dtype"]).vllm_dtype)
     env = vllm_env(kvcache_space_gib=defaults["kvcache_space_gib"])
     # An allow-list naming no plugin (vllm/plugins: only listed names load): our
     # parsers stay out. The empty string would do too; a name reads clearer in `ps`.

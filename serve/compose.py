@@ -123,4 +123,10 @@ class Gateway:
         ready = bool(self.pool and self.pool.ready and self.router.versions)
         return {"status": "ok" if ready else "starting", "ready": ready, "engines": engines,
                 "max_model_len": self.pool.max_model_len if self.pool else None,
-                "live": self.router.live, "boot": self.boot.state if self.boot else None}
+                "live": self.router.live, "boot": self.boot.state if self.boot else None,
+                "engine_dtype": self.engine_dtype()}
+
+    def engine_dtype(self) -> dict[str, str] | None:
+        """The supervised engine's dtype and why it was chosen (None when attached: theirs)."""
+        p = self.boot.precision if self.boot else None
+        return {"dtype": p.vllm_dtype, "reason": p.reason} if p else None

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     engine_port: int = Field(8100, description="Port of the supervised local vLLM server (loopback only).")
     engine_extra_args: list[str] = Field(default_factory=list, description="Extra vLLM CLI arguments.")
     engine_startup_timeout: float = Field(600.0, description="Seconds to wait for a vLLM server to be healthy.")
+    engine_dtype: str = Field("auto", description=(
+        "Weights and activations dtype of a supervised engine: auto, bfloat16 (bf16) or float32 (fp32). auto "
+        "takes bf16 on a GPU and on CPUs with native bf16 (avx512_bf16 or amx_bf16) and fp32 elsewhere, where "
+        "bf16 would be emulated (~3x slower under load); training decides by the same rule (rl/precision.py). "
+        "/health says which was chosen and why."))
     kvcache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE for a supervised CPU engine.")
     max_model_len: int | None = Field(None, ge=16, description=(
         "Context length of a supervised engine; None takes the model's own (its config, as vLLM derives it). "
@@ -94,6 +99,13 @@ class Settings(BaseSettings):
         if not v or "@" in v or "/" in v:
             raise ValueError("alias must be non-empty and contain neither '@' nor '/'")
         return v
+
+    @field_validator("engine_dtype")
+    @classmethod
+    def _dtype_ok(cls, v: str) -> str:
+        from agentloop.rl.precision import normalize
+
+        return normalize(v)
 
     @field_validator("engine_urls")
     @classmethod

@@ -25,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "model": args.model, "alias": args.alias,
         "template": args.template, "engine_port": args.engine_port, "database_url": args.database_url,
         "max_model_len": args.max_model_len,
+        "engine_dtype": args.engine_dtype,
     }.items() if v is not None}
     if args.engine_url:
         overrides["engine_urls"] = args.engine_url
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-arg", action="append", help="Extra argument for the supervised vLLM (repeatable).")
     s.add_argument("--max-model-len", type=int,
                    help="Context length of the supervised engine (default: the model's own).")
+    s.add_argument("--engine-dtype", help="dtype of the supervised engine: auto (default: bf16 where the CPU "
+                                          "has native bf16, else fp32), bfloat16 or float32.")
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
     s.add_argument("--open", action="store_true", default=None,
                    help="Serve /v1 without API keys on a non-loopback address while no key exists "

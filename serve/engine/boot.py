@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from agentloop.rl.precision import Precision, choose
 from agentloop.rl.versions import BASE_VERSION
 from agentloop.rl.zero_adapter import write_zero_adapter
 from agentloop.serve.engine.adapters import AdapterManager
@@ -57,6 +58,7 @@ class Boot:
         self.adapters = adapters
         self.state = "pending"
         self.process: EngineProcess | None = None
+        self.precision: Precision | None = None  # chosen for a supervised engine; attached ones chose their own
 
     async def run(self) -> None:
         try:
@@ -77,11 +79,13 @@ class Boot:
         self.state = "writing base adapter"
         self._add_base_adapter(model, Path(model) / "config.json")
         tpl = get_template(s.template)
+        self.precision = choose(s.engine_dtype)
+        log.info("engine dtype %s (%s)", self.precision.vllm_dtype, self.precision.reason)
         argv = vllm_argv(
             model=model, served_name=f"{s.alias}-base", port=s.engine_port, chat_template=str(tpl.path),
             tool_parser=tpl.tool_parser, reasoning_parser=tpl.reasoning_parser, reasoning_end=tpl.reasoning_end,
             max_model_len=s.max_model_len, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
-            close_thinking=s.thinking_close, extra=s.engine_extra_args,
+            dtype=self.precision.vllm_dtype, close_thinking=s.thinking_close, extra=s.engine_extra_args,
         )
         self.process = EngineProcess(argv, vllm_env(kvcache_space_gib=s.kvcache_space_gib),
                                      s.home / "logs" / f"engine-{s.engine_port}.log",

@@ -40,7 +40,7 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 
 def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, tool_parser: str,
               reasoning_parser: str | None, max_model_len: int | None, max_lora_rank: int, max_loras: int,
-              reasoning_end: str | None = None, close_thinking: bool = True,
+              dtype: str = "bfloat16", reasoning_end: str | None = None, close_thinking: bool = True,
               extra: list[str] | None = None) -> list[str]:
     """The vLLM command line the gateway relies on (tools, reasoning, runtime LoRA,
     compact structured output). No max_model_len: vLLM takes the model's own."""
@@ -58,7 +58,8 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
         "--enable-lora",
         "--max-lora-rank", str(max_lora_rank),
         "--max-loras", str(max_loras),
-        "--dtype", "bfloat16",
+        # bfloat16 or float32, by the CPU (rl/precision.py): emulated bf16 is ~3x slower.
+        "--dtype", dtype,
         # JSON that ends: response_format grammars (json_schema, json_object) allow no
         # whitespace between tokens, so a constrained answer stops when its value does
         # instead of running on in newlines to max_tokens. vLLM only takes the flag with
