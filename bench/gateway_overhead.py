@@ -72,7 +72,7 @@ async def paired(gateway: str, engine: str, pairs: int, max_tokens: int) -> dict
     d_ttft, d_lat = [], []
     async with httpx.AsyncClient(timeout=600) as client:
         for i in range(pairs):
-            sides = [(engine, "agentloop@v0000"), (gateway, "agentloop")]
+            sides = [(engine, "agentloop-base"), (gateway, "agentloop")]
             if i % 2:
                 sides.reverse()
             res = {}
@@ -96,12 +96,12 @@ def cpu_seconds(pid: int | None) -> float:
 
 async def bench(gateway: str, engine: str, args, pid: int | None = None) -> dict:
     # Warm both paths (first requests compile/allocate).
-    await round_(engine, "agentloop@v0000", 4, 8)
+    await round_(engine, "agentloop-base", 4, 8)
     await round_(gateway, "agentloop", 4, 8)
     sides = {"direct": [], "gateway": []}
     cpu = 0.0  # the gateway's own CPU during the gateway rounds
     for _ in range(args.rounds):
-        sides["direct"].append(await round_(engine, "agentloop@v0000", args.concurrency, args.max_tokens))
+        sides["direct"].append(await round_(engine, "agentloop-base", args.concurrency, args.max_tokens))
         c0 = cpu_seconds(pid)
         sides["gateway"].append(await round_(gateway, "agentloop", args.concurrency, args.max_tokens))
         cpu += cpu_seconds(pid) - c0

@@ -4,7 +4,8 @@ Starts a gateway (supervising one vLLM CPU server) on the default model twice in
 one run -- once with AGENTLOOP_LORA_CPU_KERNELS=0 (vLLM's reference ops), once
 with ours -- and, on each, alternates long-prompt requests (a new prompt each
 time, so no prefix cache helps; max_tokens 1, so the time is the prefill) to the
-bare base model and to the zero adapter v0000 that the alias routes through.
+bare base model and to the zero adapter v0000 (loaded with AGENTLOOP_BASE_ON_WEIGHTS=false, as
+the alias routed through it before the base ran on the bare weights).
 Prints the median seconds per request and the LoRA/base ratio for both.
 
     .venv/bin/python -m bench.lora_prefill --words 1400 --reps 4
@@ -34,9 +35,11 @@ def measure(model_dir: Path, kernels: bool, words: int, reps: int) -> dict[str, 
 
     old = os.environ.get("AGENTLOOP_LORA_CPU_KERNELS")
     os.environ["AGENTLOOP_LORA_CPU_KERNELS"] = "1" if kernels else "0"
+    os.environ["AGENTLOOP_BASE_ON_WEIGHTS"] = "false"  # so the zero adapter is loaded to compare with
     try:
         proc, _, engine = start_gateway(Path(tempfile.mkdtemp(prefix="agentloop-bench-")), model_dir)
     finally:
+        os.environ.pop("AGENTLOOP_BASE_ON_WEIGHTS")
         if old is None:
             os.environ.pop("AGENTLOOP_LORA_CPU_KERNELS")
         else:

@@ -1,10 +1,12 @@
 """The zero-initialised LoRA adapter that stands for the base model.
 
-Why: vLLM's CPU LoRA kernels have a measured bug where a request for the bare
-base model, batched together with LoRA requests, can get an adapter's weights.
-So the gateway never serves the bare base model: the alias routes through this
-adapter, whose B matrices are zero (its output is exactly the base model's),
-and every request in a batch is then a LoRA request.
+It is the base version `v0000` in the registry: the adapter training starts from,
+and the one the engines load when the gateway serves the base through an adapter
+(`base_on_weights` off). Its B matrices are zero, so its output is exactly the base
+model's. By default the base runs on the engines' bare weights instead, which costs
+no LoRA time; that is safe beside adapter requests only because agentloop's CPU LoRA
+kernels give no-adapter tokens exactly zero (vLLM's own CPU ops have a measured bug
+where such a token gets the last adapter slot's weights: serve/inside_vllm/lora_cpu.py).
 
 Invariant: written atomically (temp dir + rename); an existing adapter folder
 is never modified. Only numpy + safetensors: no torch in the gateway.

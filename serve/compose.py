@@ -59,7 +59,7 @@ class Gateway:
         """The parts that need no I/O, wired at once; `start` adds those that do."""
         self.settings = settings
         self.metrics = Metrics()
-        self.router = ModelRouter(settings.alias)
+        self.router = ModelRouter(settings.alias, base_on_weights=settings.base_on_weights)
 
         def reverify(name: str) -> bool:  # the forwarder that closes the engines <-> manager cycle
             return self.adapters.reverify(name)

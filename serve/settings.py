@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         "Close a thinking block the model tries to end its turn in, so that the answer follows "
         "(serve/inside_vllm/think_end.py, a logits processor in the supervised engine). False leaves "
         "thinking as the model writes it: a small model then often answers inside its thinking, with no content."))
+    base_on_weights: bool = Field(True, description=(
+        "Serve the base version (v0000) on the engines' bare base weights, with no LoRA cost (about half "
+        "the single-stream decode speed on CPU). False routes it through its zero adapter instead, as every "
+        "version was before. Safe beside adapter requests in one batch: agentloop's CPU LoRA kernels (its vLLM "
+        "plugin, which attached engines need anyway for the parsers) give no-adapter tokens exactly zero."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(

@@ -207,7 +207,7 @@ def test_parallel_tool_calls_false_bounds_forced_and_auto(client, server):
 def test_schema_errors_reach_the_client_directly_from_the_engine_too(server):
     """The 400 comes from vLLM itself (the plugin), not from gateway-side checks."""
     s = script(server, "weather_paris")
-    body = {"model": "agentloop@v0000", "messages": s["messages"], "max_tokens": 4,
+    body = {"model": "agentloop-base", "messages": s["messages"], "max_tokens": 4,
             "tools": [tool("broken", {"type": "object", "properties": {"a": {"type": "foo"}}})]}
     r = httpx.post(f"{server.engine_url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"

@@ -21,6 +21,7 @@ from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.client import HttpEngine
 from agentloop.serve.engine.router import ModelRouter
 from agentloop.rl.zero_adapter import write_zero_adapter
+import pytest
 
 BASE_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -43,7 +44,7 @@ class RestartedEngine(HttpEngine):
         self._synced.add(name)
 
 
-def setup(tmp_path: Path):
+def setup(tmp_path: Path, base_on_weights: bool = True):
     base = tmp_path / "base-model"
     base.mkdir()
     (base / "config.json").write_text(json.dumps(BASE_CONFIG))
@@ -58,7 +59,7 @@ def setup(tmp_path: Path):
         save_file({k: (rng.normal(size=v.shape).astype(np.float32) * 0.01 if "lora_B" in k else v)
                    for k, v in w.items()}, str(src / "adapter_model.safetensors"))
         versions.append(reg.commit(src, parent="v0000", base_model=str(base), method="dpo"))
-    router = ModelRouter("agentloop")
+    router = ModelRouter("agentloop", base_on_weights=base_on_weights)
     manager = AdapterManager(router, None, max_rank=64)
     live, canary = versions
     reg.set_status(live.version, "live", "promoted")
@@ -68,16 +69,26 @@ def setup(tmp_path: Path):
     return manager, router, engine, live, canary
 
 
-def test_intact_served_versions_are_loaded_again(tmp_path):
-    manager, router, engine, live, canary = setup(tmp_path)
+# The base needs its zero adapter in the engine only when it does not run on the bare weights.
+ON_WEIGHTS = pytest.mark.parametrize("on_weights", [True, False], ids=["base-on-weights", "base-adapter"])
+
+
+def base_loaded(on_weights: bool) -> set[str]:
+    return set() if on_weights else {"agentloop@v0000"}
+
+
+@ON_WEIGHTS
+def test_intact_served_versions_are_loaded_again(tmp_path, on_weights):
+    manager, router, engine, live, canary = setup(tmp_path, on_weights)
     asyncio.run(engine.sync_adapters())
-    assert set(engine.loaded) == {"agentloop@v0000", f"agentloop@{live.version}", f"agentloop@{canary.version}"}
+    assert set(engine.loaded) == base_loaded(on_weights) | {f"agentloop@{live.version}", f"agentloop@{canary.version}"}
     assert router.live == f"agentloop@{live.version}" and router.canary == (f"agentloop@{canary.version}", 0.25)
     assert set(router.adapters()) <= engine._synced  # so the engine counts as ready
 
 
-def test_versions_damaged_on_disk_are_not_loaded_again_and_stop_being_served(tmp_path):
-    manager, router, engine, live, canary = setup(tmp_path)
+@ON_WEIGHTS
+def test_versions_damaged_on_disk_are_not_loaded_again_and_stop_being_served(tmp_path, on_weights):
+    manager, router, engine, live, canary = setup(tmp_path, on_weights)
     # While the engine was down: the live weights were cut short (a crash, a full disk), and the
     # canary's were changed (still a loadable file, but not the weights that were checked).
     weights = live.path / "adapter_model.safetensors"
@@ -87,9 +98,10 @@ def test_versions_damaged_on_disk_are_not_loaded_again_and_stop_being_served(tmp
 
     asyncio.run(engine.sync_adapters())
 
-    assert set(engine.loaded) == {"agentloop@v0000"}  # neither damaged version reached the engine
+    assert set(engine.loaded) == base_loaded(on_weights)  # neither damaged version reached the engine
     assert router.live == "agentloop@v0000" and router.canary is None  # the alias falls back to the base
-    assert set(router.adapters()) == {"agentloop@v0000"} <= engine._synced  # ready, not 503 forever
+    assert set(router.adapters()) == base_loaded(on_weights) <= engine._synced  # ready, not 503 forever
+    assert router.base_names() == ({"agentloop@v0000"} if on_weights else set())
     for m in (live, canary):
         after = manager.registry.get(m.version)
         assert after.status == "rejected" and "failed verification on an engine restart" in after.reason

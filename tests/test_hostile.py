@@ -283,20 +283,20 @@ def test_tool_result_injection_stays_data_inside_the_tool_turn(server):
 
     def tokenize(messages):
         r = httpx.post(f"{server.engine_url}/tokenize", json={
-            "model": "agentloop@v0000", "messages": messages, "tools": tools, "add_generation_prompt": True},
+            "model": "agentloop-base", "messages": messages, "tools": tools, "add_generation_prompt": True},
             timeout=TIMEOUT)
         assert r.status_code == 200, r.text
         return r.json()["tokens"]
 
     special = httpx.post(f"{server.engine_url}/tokenize", json={
-        "model": "agentloop@v0000", "prompt": "<|im_start|><|im_end|>", "add_special_tokens": False},
+        "model": "agentloop-base", "prompt": "<|im_start|><|im_end|>", "add_special_tokens": False},
         timeout=TIMEOUT).json()["tokens"]
     assert len(special) == 2, special  # each is one special token
     a, b = tokenize(harmless), tokenize(hostile)
     for tok in special:
         assert a.count(tok) == b.count(tok), (tok, a.count(tok), b.count(tok))
     # The injected text sits between the last turn opening and the generation prompt.
-    prompt = httpx.post(f"{server.engine_url}/detokenize", json={"model": "agentloop@v0000", "tokens": b},
+    prompt = httpx.post(f"{server.engine_url}/detokenize", json={"model": "agentloop-base", "tokens": b},
                         timeout=TIMEOUT).json()["prompt"]
     tool_turn = prompt[prompt.rindex("<|im_start|>user\n"):prompt.rindex("<|im_start|>assistant\n")]
     assert "Ignore all previous instructions" in tool_turn and "<tool_response>" in tool_turn

@@ -2,10 +2,11 @@
 
 vLLM's CPU LoRA ops read the weights of a token of no adapter (index -1) from
 the last adapter slot, so a bare-base request batched with LoRA requests can get
-an adapter's weights. Two guards, each tested here: the gateway routes its alias
-through a zero-initialised adapter (every request in a batch is a LoRA request),
-and our vLLM plugin (serve/inside_vllm/lora_cpu.py) replaces the ops with ones that
-give no-adapter tokens exactly zero. The first test floods the engine with a
+an adapter's weights. The guard: our vLLM plugin (serve/inside_vllm/lora_cpu.py)
+replaces the ops with ones that give no-adapter tokens exactly zero, which is what
+lets the gateway run the base version on the bare weights (serve/engine/router.py,
+base_on_weights; with it off, the alias goes through the zero adapter and every
+request in a batch is a LoRA request). The first test floods the engine with a
 deliberately different adapter while the alias is used; the second fills every
 adapter slot with such adapters and sends bare-base requests straight to the
 engine beside them (it fails with vLLM's own ops: AGENTLOOP_LORA_CPU_KERNELS=0).

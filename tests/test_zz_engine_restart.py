@@ -98,7 +98,7 @@ def test_engine_killed_is_restarted_with_the_live_version(server, tmp_path):
         after = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
         assert after["model"] == live_name and after["choices"][0]["message"]["content"] == live_answer
         assert engine_pid(server) != old
-        assert {live_name, "agentloop@v0000"} <= engine_models(server)  # reloaded without an operator
+        assert live_name in engine_models(server)  # reloaded without an operator (the base needs no adapter)
         pinned = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "model": "agentloop@v0000"},
                             timeout=120).json()
         assert pinned["choices"][0]["message"]["content"] == greeting["expected"]["content"]

@@ -13,8 +13,10 @@ Invariants:
   refused and nothing changes, or, when a served version no longer verifies,
   it stops being served (the live one falls back as at start-up);
 - swaps are serialised (one lock), so two admin calls never interleave;
-- the base (`v0000`, the zero adapter), the live version and the canary are
-  always loaded; everything else is unloaded once idle.
+- the base (`v0000`), the live version and the canary are always served; every
+  other version is unloaded once idle. The base needs no adapter in the engines
+  when it runs on their bare weights (router.base_on_weights, the default); else
+  its zero adapter is loaded like any version.
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ class AdapterManager:
         name = self.router.name_of(m.version)
         if self.pool is None or not self.pool.ready:
             raise EngineUnavailable()
+        if self.router.base_on_weights and m.version == BASE_VERSION:
+            # The base runs on the engines' own weights: nothing to load (a rollback to it).
+            return m, self.router.add_version(m.version, str(m.path))
         try:
             await self.pool.load_adapter(name, str(m.path))
         except EngineUnavailable:
@@ -176,7 +181,7 @@ class AdapterManager:
         async with self._lock:
             if name in self._kept():
                 return
-            self.router.versions.pop(name, None)
+            self.router.remove(name)
             await self._unload_quietly(name)
 
     def _kept(self) -> tuple:

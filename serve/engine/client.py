@@ -10,7 +10,10 @@ Invariants:
 - an engine is `ready` only when healthy AND every served adapter is loaded
   in it, so a request is never routed to an engine that would 404 its model;
 - a request is retried on another engine only if it never reached the first
-  (connection refused), so no generation is ever run twice.
+  (connection refused), so no generation is ever run twice;
+- a served name that runs on the base weights (`base_names`) goes to the engine
+  as its base model's own name, and its answer comes back under the served name,
+  so clients and the log never see the difference.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from agentloop.serve.errors import EngineError, EngineUnavailable, EngineUnreach
 log = logging.getLogger("agentloop.engine")
 
 AdapterSet = Callable[[], dict[str, str]]  # served name -> adapter path
+BaseNames = Callable[[], frozenset[str]]  # served names that run on the bare base weights
 Reverify = Callable[[str], bool]  # may a restarted engine load this served name again?
 
 
@@ -72,11 +76,13 @@ class Engine(ABC):
 class HttpEngine(Engine):
     """A vLLM OpenAI-compatible server reached over HTTP."""
 
-    def __init__(self, url: str, *, adapters: AdapterSet, request_timeout: float = 600.0,
-                 health_interval: float = 2.0, reverify: Reverify | None = None,
+    def __init__(self, url: str, *, adapters: AdapterSet, base_names: BaseNames = frozenset,
+                 request_timeout: float = 600.0, health_interval: float = 2.0, reverify: Reverify | None = None,
                  on_down: Callable[["HttpEngine"], Awaitable[None]] | None = None):
         self.url = url.rstrip("/")
         self._adapters = adapters
+        self._base_names = base_names
+        self.base_model: str | None = None  # the engine's own name for its base model (its /v1/models)
         self._reverify = reverify
         self._health_interval = health_interval
         self._healthy = False
@@ -132,8 +138,12 @@ class HttpEngine(Engine):
         if not self._healthy:
             # The context is the engine's own (a restart may have changed it): read it
             # before the engine counts as ready, so no request runs without it.
-            self.max_model_len = await self._context_length()
-            log.info("engine %s is healthy (context %s tokens)", self.url, self.max_model_len)
+            card = await self._base_card()
+            n = card.get("max_model_len")
+            self.max_model_len = n if isinstance(n, int) and n > 0 else None
+            self.base_model = card.get("id")
+            log.info("engine %s is healthy (base %s, context %s tokens)", self.url, self.base_model,
+                     self.max_model_len)
             self._healthy = True
             self.last_error = None
         await self.sync_adapters()
@@ -170,10 +180,9 @@ class HttpEngine(Engine):
         r.raise_for_status()
         return r.json().get("data", [])
 
-    async def _context_length(self) -> int | None:
-        """The base model's `max_model_len` (adapters report the same)."""
-        lens = [m.get("max_model_len") for m in await self._models() if m.get("parent") is None]
-        return next((n for n in lens if isinstance(n, int) and n > 0), None)
+    async def _base_card(self) -> dict[str, Any]:
+        """The base model's card (the one with no parent): its served name and `max_model_len`."""
+        return next((m for m in await self._models() if m.get("parent") is None), {})
 
     async def _loaded_models(self) -> set[str]:
         return {m["id"] for m in await self._models()}
@@ -221,6 +230,11 @@ class HttpEngine(Engine):
         if rid := body.pop("_request_id", None):
             headers["X-Request-Id"] = rid
         stream = bool(body.get("stream"))
+        served = body.get("model")
+        if served in self._base_names():
+            body["model"] = self.base_model  # the base version: no adapter, the bare weights
+        else:
+            served = None
         try:
             resp = await self._session().post("v1/chat/completions", data=orjson.dumps(body), headers=headers)
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as e:
@@ -232,7 +246,10 @@ class HttpEngine(Engine):
             if resp.status != 200:
                 raise EngineError.from_response(resp.status, await resp.read())
             if not stream:
-                yield orjson.loads(await resp.read())
+                out = orjson.loads(await resp.read())
+                if served and "model" in out:
+                    out["model"] = served
+                yield out
                 return
             # SSE lines split on raw bytes and parsed with orjson (once per token).
             # Everything one read brought is yielded as one list: when the gateway
@@ -254,7 +271,10 @@ class HttpEngine(Engine):
                         # connection goes back to the pool instead of being dropped.
                         await resp.read()
                         return
-                    batch.append(orjson.loads(data))
+                    chunk = orjson.loads(data)
+                    if served and "model" in chunk:
+                        chunk["model"] = served
+                    batch.append(chunk)
                 if batch:
                     yield batch
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:

@@ -1,9 +1,12 @@
 """Which model names the gateway serves and what each resolves to in the engines.
 
 Clients ask for the alias (`agentloop`) or a pinned version (`agentloop@v0003`).
-Every name resolves to a LoRA adapter loaded in the engines — never to the bare
-base model (see rl/zero_adapter.py for why). A canary takes a share of the
-alias's traffic.
+Every name resolves to a version: a LoRA adapter loaded in the engines, or, for
+the base version `v0000` when `base_on_weights` is set (the default), the
+engines' bare base weights, so that the base pays no LoRA cost (the engines
+translate its served name to their base model's: `base_names`). The zero adapter
+(rl/zero_adapter.py) still stands for it on disk and is what training starts
+from. A canary takes a share of the alias's traffic.
 
 Invariants:
 - `resolve` is a pure in-memory lookup (no I/O on the request path), and the
@@ -27,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agentloop.rl.versions import served_name
+from agentloop.rl.versions import BASE_VERSION, served_name
 from agentloop.serve.errors import ModelNotFound
 
 
@@ -35,8 +38,9 @@ from agentloop.serve.errors import ModelNotFound
 class Version:
     name: str          # served name, e.g. "agentloop@v0000"
     version: str       # "v0000"
-    path: str          # adapter folder loaded into the engines
+    path: str          # adapter folder (loaded into the engines unless on_base)
     created: int = field(default_factory=lambda: int(time.time()))
+    on_base: bool = False  # runs on the engines' bare base weights: no adapter is loaded for it
 
 
 class ServedVersions(ABC):
@@ -46,6 +50,7 @@ class ServedVersions(ABC):
     versions: dict[str, Version]           # served name -> version
     live: str | None                       # served name the alias resolves to
     canary: tuple[str, float] | None       # (served name, share of the alias's traffic)
+    base_on_weights: bool                  # the base version runs on the bare base weights
 
     def name_of(self, version: str) -> str:
         return served_name(self.alias, version)
@@ -65,7 +70,11 @@ class ServedVersions(ABC):
 
     @abstractmethod
     def adapters(self) -> dict[str, str]:
-        """Every adapter the engines must hold: served name -> folder."""
+        """Every adapter the engines must hold: served name -> folder (not the on-base versions)."""
+
+    @abstractmethod
+    def base_names(self) -> frozenset[str]:
+        """Served names that run on the engines' bare base weights (no I/O: on the request path)."""
 
     @abstractmethod
     def resolve(self, name: str) -> Version:
@@ -87,8 +96,10 @@ class ServedVersions(ABC):
 class ModelRouter(ServedVersions):
     """The served versions of one gateway process, in memory."""
 
-    def __init__(self, alias: str, *, rng: random.Random | None = None):
+    def __init__(self, alias: str, *, base_on_weights: bool = True, rng: random.Random | None = None):
         self.alias = alias
+        self.base_on_weights = base_on_weights
+        self._base_names: frozenset[str] = frozenset()
         self.versions: dict[str, Version] = {}
         self.live: str | None = None           # served name of the live version
         self.canary: tuple[str, float] | None = None  # (served name, share of alias traffic)
@@ -99,8 +110,10 @@ class ModelRouter(ServedVersions):
     def add_version(self, version: str, path: str, *, live: bool = False) -> Version:
         v = self.versions.get(self.name_of(version))
         if v is None or v.path != path:
-            v = Version(name=self.name_of(version), version=version, path=path)
+            v = Version(name=self.name_of(version), version=version, path=path,
+                        on_base=self.base_on_weights and version == BASE_VERSION)
             self.versions[v.name] = v
+            self._base_names = frozenset(n for n, x in self.versions.items() if x.on_base)
         if live or self.live is None:
             self.live = v.name
         return v
@@ -126,10 +139,14 @@ class ModelRouter(ServedVersions):
         if name in (self.live, self.canary and self.canary[0]):
             raise ValueError(f"{name} is still served")
         self.versions.pop(name, None)
+        self._base_names = self._base_names - {name}
 
     def adapters(self) -> dict[str, str]:
-        """Every adapter the engines must hold: served name -> folder."""
-        return {v.name: v.path for v in self.versions.values()}
+        """Every adapter the engines must hold: served name -> folder (not the on-base versions)."""
+        return {v.name: v.path for v in self.versions.values() if not v.on_base}
+
+    def base_names(self) -> frozenset[str]:
+        return self._base_names
 
     def resolve(self, name: str) -> Version:
         if name == self.alias and self.live is not None:
