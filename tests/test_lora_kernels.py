@@ -92,3 +92,81 @@ def test_register_patches_the_cpu_wrapper_and_can_be_disabled(monkeypatch):
     finally:
         for n, f in saved.items():
             setattr(punica_cpu, n, f)
+
+
+# ---------------------------------------------------------------- the compiled path's ops
+
+from agentloop.serve.inside_vllm import lora_compile  # noqa: E402
+
+SLICES = [40, 16, 16]  # a q/k/v-like layer: three slices of one output
+
+
+def per_token_reference(y0, x, a, b, idx, scale, slices):
+    """y0 + (scale * x[t] @ A_i[slot].T) @ B_i[slot].T per slice, in fp32, for tokens with an adapter."""
+    want = y0.float().clone()
+    off = 0
+    for a_i, b_i, size in zip(a, b, slices):
+        for t, s in enumerate(idx):
+            if s >= 0:
+                want[t, off:off + size] += (scale * x[t].float() @ a_i[s, 0].float().t()) @ b_i[s, 0].float().t()
+        off += size
+    return want
+
+
+@pytest.mark.parametrize("indices", CASES + [[-1] * 4], ids=[str(c) for c in CASES + [[-1] * 4]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_path_ops_match_the_per_token_product(indices, dtype):
+    lora_compile._register_ops()
+    g = torch.Generator().manual_seed(len(indices))
+    n = len(indices)
+    x = torch.randn(n, IN, generator=g).to(dtype)
+    a = [torch.randn(SLOTS, 1, R, IN, generator=g).to(dtype) for _ in SLICES]
+    b = [torch.randn(SLOTS, 1, size, R, generator=g).to(dtype) for size in SLICES]
+    # vLLM's persistent index buffer is longer than the batch: the ops read the first rows.
+    buf = torch.full((64,), SLOTS - 1, dtype=torch.long)
+    buf[:n] = torch.tensor(indices)
+    y0 = torch.randn(n, sum(SLICES)).to(dtype)
+    want = per_token_reference(y0, x, a, b, indices, 0.5, SLICES)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.25, "rtol": 0.05}
+    off = torch.tensor([s < 0 for s in indices])
+
+    y = y0.clone()
+    torch.ops.agentloop.lora_linear(y, x, a, b, buf, 0.5, SLICES)
+    torch.testing.assert_close(y.float(), want, **tol)
+    assert torch.equal(y[off], y0[off])  # no adapter: untouched, never the last slot's weights
+
+    # The row-parallel layers' two halves, through one fp32 buffer as vLLM passes it.
+    h = torch.full((len(SLICES), n, R), 7.0)
+    torch.ops.agentloop.lora_shrink(h, x, a, buf, 0.5)
+    assert torch.count_nonzero(h[:, off]) == 0
+    for add in (True, False):
+        y = y0.clone()
+        torch.ops.agentloop.lora_expand(y, h, b, buf, SLICES, 0, add)
+        expect = want if add else per_token_reference(torch.zeros_like(y0), x, a, b, indices, 0.5, SLICES)
+        if not add:
+            expect[off] = 0
+        torch.testing.assert_close(y.float(), expect, **tol)
+
+
+def test_the_plan_follows_writes_to_the_index_buffer():
+    buf = torch.zeros(16, dtype=torch.long)
+    assert lora_compile.plan(buf, 4) == ("one", 0)
+    buf[:4] = -1  # the next step: vLLM copies the new mapping into the same buffer
+    assert lora_compile.plan(buf, 4) == ("none", None)
+    buf[:4] = torch.tensor([1, -1, 2, 1])
+    kind, groups = lora_compile.plan(buf, 4)
+    assert kind == "mixed" and [(s, rows.tolist()) for s, rows in groups] == [(1, [0, 3]), (2, [2])]
+    assert lora_compile.plan(buf, 2)[0] == "mixed" and lora_compile.plan(buf, 1) == ("one", 1)
+
+
+def test_compile_stays_on_with_lora_on_cpu_unless_turned_off(monkeypatch):
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    lora_compile.register()  # what the engine's plugin loading did (idempotent)
+    wrapper = punica_cpu.PunicaWrapperCPU
+    assert wrapper.add_lora_linear is lora_compile._add_lora_linear
+    monkeypatch.setenv("AGENTLOOP_LORA_CPU_COMPILE", "0")
+    assert not lora_compile.enabled()
+    monkeypatch.setenv("AGENTLOOP_LORA_CPU_COMPILE", "1")
+    monkeypatch.setenv("AGENTLOOP_LORA_CPU_KERNELS", "0")
+    assert not lora_compile.enabled()  # the compiled path uses the GEMM kernels' grouping

@@ -1,0 +1,199 @@
+"""LoRA on vLLM's CPU backend without giving up torch.compile (a vLLM general plugin).
+
+Loaded only inside vLLM processes, after `lora_cpu` (whose GEMM-per-adapter products it uses).
+
+Why: vLLM's CPU platform turns compilation off whenever LoRA is enabled
+(`CpuPlatform.check_and_update_config`: `compilation_config.mode = NONE`), because its
+CPU punica wrapper decides per step in Python (prefill or decode, any adapter at all)
+and such branches would be frozen into a graph traced once. Eager execution costs
+~30% of decode speed on this model even when no request uses an adapter
+(docs/benchmarks.md, "Engine speed").
+
+What this does instead:
+- the wrapper's products become torch ops, opaque to the compiler, one call per LoRA
+  layer and step (all slices at once): `agentloop::lora_linear`, which every LoRA linear
+  layer calls (`add_lora_linear`), and `agentloop::lora_shrink` / `agentloop::lora_expand`
+  for the fully sharded layers (`fully_sharded_loras`), which call the halves. They read
+  the per-token adapter slots from the wrapper's persistent index buffer at run time,
+  sliced to the rows they get, so nothing per-step is traced. They are registered the
+  direct way (vLLM's `direct_register_custom_op`): `torch.library.custom_op` costs
+  several times more per call (measured: a quarter of decode time at one call per slice);
+- inside an op, the grouping of rows by adapter is worked out once per step (cached on
+  the index buffer's version counter) instead of once per layer: a batch of no adapter
+  costs nothing, a batch of one adapter one GEMM pair, a mixed batch one per adapter;
+- the platform keeps the compilation mode it chose without LoRA.
+
+Invariants: the ops compute the per-token LoRA product (tests/test_lora_kernels.py), tokens
+of no adapter get exactly zero (no LoRA bleed), and a served adapter's log-probabilities
+are PEFT's (tests/test_lora_served.py, beside base requests in the same batches). vLLM's
+compile cache re-traces when this file changes (its AOT cache checks the traced sources).
+Off with AGENTLOOP_LORA_CPU_COMPILE=0 (or with AGENTLOOP_LORA_CPU_KERNELS=0).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from agentloop.serve.inside_vllm import lora_cpu
+
+# (data_ptr, version, rows) of the index buffer -> the plan for those rows.
+_plan_key: tuple[int, int, int] | None = None
+_plan: tuple[str, object] = ("none", None)
+
+
+def plan(indices: torch.Tensor, rows: int) -> tuple[str, object]:
+    """How the first `rows` tokens group by adapter slot: ("none", None), ("one", slot)
+    or ("mixed", [(slot, row indices), ...]). Cached until the buffer is written again."""
+    global _plan_key, _plan
+    key = (indices.data_ptr(), indices._version, rows)
+    if key == _plan_key:
+        return _plan
+    idx = indices[:rows]
+    slots = torch.unique(idx).tolist()
+    live = [s for s in slots if s >= 0]
+    if not live:
+        out: tuple[str, object] = ("none", None)
+    elif len(slots) == 1:
+        out = ("one", live[0])
+    else:
+        out = ("mixed", [(s, (idx == s).nonzero().squeeze(1)) for s in live])
+    _plan_key, _plan = key, out
+    return out
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, how: tuple[str, object], dtype: torch.dtype) -> torch.Tensor:
+    """Row t: x[t] @ w[slot(t)].T in `dtype` (w is [slots, out, in] or [slots, 1, out, in])."""
+    if w.dim() == 4:
+        w = w.squeeze(1)
+    kind, arg = how
+    if kind == "one":
+        return x.to(dtype) @ w[arg].to(dtype).t()
+    res = x.new_zeros(x.shape[0], w.shape[1], dtype=dtype)
+    for slot, sel in arg:
+        res.index_copy_(0, sel, x.index_select(0, sel).to(dtype) @ w[slot].to(dtype).t())
+    return res
+
+
+def _shrink(out: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], indices: torch.Tensor,
+            scale: float) -> None:
+    """out[i, t, :r] = scale * x[t] @ lora_a[i][slot(t)].T, fp32 like vLLM's buffer; 0 for no adapter."""
+    rows = x.shape[0]
+    how = plan(indices, rows)
+    for i, a in enumerate(lora_a):
+        r = a.shape[-2]
+        if how[0] == "none":
+            out[i, :rows, :r] = 0
+        else:
+            out[i, :rows, :r] = scale * _product(x, a, how, out.dtype)
+
+
+def _expand(y: torch.Tensor, h: torch.Tensor, lora_b: list[torch.Tensor], indices: torch.Tensor,
+            slices: list[int], offset: int, add: bool) -> None:
+    """y[t, slice i] (+)= h[i, t] @ lora_b[i][slot(t)].T; a token of no adapter adds 0."""
+    rows = h.shape[1]
+    how = plan(indices, rows)
+    for i, b in enumerate(lora_b):
+        size = min(slices[i], b.shape[-2])
+        target = y[:rows, offset:offset + size]
+        if how[0] == "none":
+            if not add:
+                target.zero_()
+        else:
+            res = _product(h[i], b[..., :size, :], how, y.dtype)
+            target.add_(res) if add else target.copy_(res)
+        offset += slices[i]
+
+
+def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                indices: torch.Tensor, scale: float, slices: list[int]) -> None:
+    """y += (scale * x @ A.T) @ B.T per slice and token, with each token's adapter."""
+    rows = x.shape[0]
+    if plan(indices, rows)[0] == "none":
+        return  # no token has an adapter: nothing to add (the common case while v0000 is live)
+    h = torch.empty((len(lora_a), rows, lora_b[0].shape[-1]), dtype=torch.float32, device=x.device)
+    _shrink(h, x, lora_a, indices, scale)
+    _expand(y, h, lora_b, indices, slices, 0, True)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+_lib = None
+
+
+def _register_ops() -> None:
+    global _lib
+    if _lib is not None:
+        return
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _lib = Library("agentloop", "FRAGMENT")  # alive as long as this module: the ops' lifetime
+    for name, fn, mutates in (("lora_linear", lora_linear, ["y"]), ("lora_shrink", _shrink, ["out"]),
+                              ("lora_expand", _expand, ["y"])):
+        direct_register_custom_op(name, fn, mutates_args=mutates, fake_impl=_nothing, target_lib=_lib,
+                                  dispatch_key="CPU")
+
+
+def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kw):
+    torch.ops.agentloop.lora_linear(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), list(lora_a_stacked),
+                                    list(lora_b_stacked), self._token_lora_indices, scale, list(output_slices))
+
+
+def _add_shrink(self, y, x, lora_a_stacked, scale, **kw):
+    if isinstance(y, torch.Tensor) and y.dim() == 3:  # the row-parallel layers' one buffer
+        torch.ops.agentloop.lora_shrink(y, x.view(-1, x.shape[-1]), list(lora_a_stacked),
+                                        self._token_lora_indices, scale)
+        return y
+    return _original["add_shrink"](self, y, x, lora_a_stacked, scale, **kw)
+
+
+def _add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kw):
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        torch.ops.agentloop.lora_expand(y.view(-1, y.shape[-1]), x, list(lora_b_stacked), self._token_lora_indices,
+                                        list(output_slices), offset_start, add_inputs)
+        return y
+    return _original["add_expand"](self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kw)
+
+
+_original: dict = {}
+
+
+def enabled() -> bool:
+    flag = os.environ.get("AGENTLOOP_LORA_CPU_COMPILE", "1").strip().lower()
+    return lora_cpu.enabled() and flag not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """Patch the CPU punica wrapper and the CPU platform's config hook. Idempotent."""
+    if not enabled():
+        return
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:
+        return
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if getattr(wrapper, "_agentloop_compiled", False):
+        return
+    _register_ops()
+    _original.update(add_shrink=wrapper.add_shrink, add_expand=wrapper.add_expand)
+    wrapper.add_lora_linear = _add_lora_linear
+    wrapper.add_shrink = _add_shrink
+    wrapper.add_expand = _add_expand
+    wrapper._agentloop_compiled = True
+    original = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        # The platform's only LoRA rule there is "no compilation": hide LoRA from it.
+        lora = vllm_config.lora_config
+        object.__setattr__(vllm_config, "lora_config", None)
+        try:
+            original(cls, vllm_config)
+        finally:
+            object.__setattr__(vllm_config, "lora_config", lora)
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
