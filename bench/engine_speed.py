@@ -4,12 +4,14 @@ Owns the "Engine speed" benchmark (issue 34). One engine at a time, on the embed
 model (SmolLM2-135M-Instruct) unless --model:
 - **plain vLLM**: `python -m vllm.entrypoints.openai.api_server` with the engine's own best
   settings for this CPU: the dtype by rl/precision.py's rule, no LoRA, no plugins of ours;
-- **agentloop, v0000 through its zero adapter**: `AGENTLOOP_BASE_ON_WEIGHTS=false`, how every
-  request ran before the base got its own path;
-- **agentloop, v0000 on the base weights** (the default);
-- **agentloop, a trained version live**: the same gateway after promoting a non-zero rank-8
-  adapter over every projection (the shape training writes; the speed does not depend on the
-  values).
+- **agentloop before issue 34**: `AGENTLOOP_BASE_ON_WEIGHTS=false` and
+  `AGENTLOOP_LORA_CPU_COMPILE=0`: every request through a LoRA adapter (v0000 the zero
+  one), the engine eager as vLLM's CPU platform makes it whenever LoRA is on;
+- **agentloop** (the defaults): v0000 on the bare base weights, LoRA compiled
+  (serve/inside_vllm/lora_compile.py).
+On each agentloop side: first with v0000 live, then with a trained version live, promoted
+through the admin API: a non-zero rank-8 adapter over the default target modules (the
+shape training writes; the speed does not depend on the values).
 Through the gateway as users are served (`model: agentloop`, streamed). Per side: one stream,
 then 8 streams at once, each `--tokens` tokens with `ignore_eos`; tokens per second of the
 whole request (prefill included), the median of `--reps` rounds after a warm-up. Writes the
@@ -181,13 +183,13 @@ def main() -> int:
 
     with plain_vllm(model_dir, precision.vllm_dtype) as url:
         report("plain vLLM", measure(url, "plain", args.reps, args.tokens))
-    with agentloop(model_dir, {"AGENTLOOP_BASE_ON_WEIGHTS": "false"}) as (url, _):
-        report("agentloop, v0000 through its zero adapter", measure(url, "agentloop", args.reps, args.tokens))
-    with agentloop(model_dir, {}) as (url, home):
-        report("agentloop, v0000 on the base weights", measure(url, "agentloop", args.reps, args.tokens))
-        version = promote_trained_version(url, home, model_dir)
-        report(f"agentloop, a trained version live ({version})",
-               measure(url, "agentloop", args.reps, args.tokens))
+    sides = {"before": {"AGENTLOOP_BASE_ON_WEIGHTS": "false", "AGENTLOOP_LORA_CPU_COMPILE": "0"}, "now": {}}
+    for side, env in sides.items():
+        label = "agentloop before issue 34" if side == "before" else "agentloop"
+        with agentloop(model_dir, env) as (url, home):
+            report(f"{label}, v0000 live", measure(url, "agentloop", args.reps, args.tokens))
+            promote_trained_version(url, home, model_dir)
+            report(f"{label}, a trained version live", measure(url, "agentloop", args.reps, args.tokens))
 
     plain = results["plain vLLM"]
     lines = [f"| server | single stream | {STREAMS} streams, aggregate |", "|---|---|---|"]
