@@ -170,3 +170,22 @@ def test_compile_stays_on_with_lora_on_cpu_unless_turned_off(monkeypatch):
     monkeypatch.setenv("AGENTLOOP_LORA_CPU_COMPILE", "1")
     monkeypatch.setenv("AGENTLOOP_LORA_CPU_KERNELS", "0")
     assert not lora_compile.enabled()  # the compiled path uses the GEMM kernels' grouping
+
+
+def test_a_module_the_adapter_leaves_alone_is_skipped_and_noticed_when_loaded():
+    lora_compile._register_ops()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, IN, generator=g)
+    a = [torch.randn(SLOTS, 1, R, IN, generator=g) for _ in SLICES]
+    b = [torch.randn(SLOTS, 1, size, R, generator=g) for size in SLICES]
+    b[1][2].zero_()  # slot 2 adapts slices 0 and 2 only, as an adapter without that module
+    buf = torch.full((8,), 2, dtype=torch.long)
+    y0 = torch.randn(3, sum(SLICES))
+    y = y0.clone()
+    torch.ops.agentloop.lora_linear(y, x, a, b, buf, 1.0, SLICES)
+    torch.testing.assert_close(y, per_token_reference(y0, x, a, b, [2, 2, 2], 1.0, SLICES))
+    assert torch.equal(y[:, 40:56], y0[:, 40:56])
+    b[1][2, 0].copy_(torch.ones(SLICES[1], R))  # another adapter loaded into the slot: in-place
+    y = y0.clone()
+    torch.ops.agentloop.lora_linear(y, x, a, b, buf, 1.0, SLICES)
+    torch.testing.assert_close(y, per_token_reference(y0, x, a, b, [2, 2, 2], 1.0, SLICES))

@@ -20,7 +20,9 @@ What this does instead:
   several times more per call (measured: a quarter of decode time at one call per slice);
 - inside an op, the grouping of rows by adapter is worked out once per step (cached on
   the index buffer's version counter) instead of once per layer: a batch of no adapter
-  costs nothing, a batch of one adapter one GEMM pair, a mixed batch one per adapter;
+  costs nothing, a batch of one adapter one GEMM pair per adapted slice, a mixed batch one
+  per adapter; a module the adapter leaves alone (zeros in its slot, cached on the
+  weight's version counter) costs nothing; products run in the activations' dtype;
 - the platform keeps the compilation mode it chose without LoRA.
 
 Invariants: the ops compute the per-token LoRA product (tests/test_lora_kernels.py), tokens
@@ -63,58 +65,91 @@ def plan(indices: torch.Tensor, rows: int) -> tuple[str, object]:
     return out
 
 
-def _product(x: torch.Tensor, w: torch.Tensor, how: tuple[str, object], dtype: torch.dtype) -> torch.Tensor:
-    """Row t: x[t] @ w[slot(t)].T in `dtype` (w is [slots, out, in] or [slots, 1, out, in])."""
-    if w.dim() == 4:
-        w = w.squeeze(1)
-    kind, arg = how
-    if kind == "one":
-        return x.to(dtype) @ w[arg].to(dtype).t()
-    res = x.new_zeros(x.shape[0], w.shape[1], dtype=dtype)
-    for slot, sel in arg:
-        res.index_copy_(0, sel, x.index_select(0, sel).to(dtype) @ w[slot].to(dtype).t())
-    return res
+# (data_ptr, slot) of a stacked LoRA weight -> (its version, whether the slot has weights).
+_active: dict[tuple[int, int], tuple[int, bool]] = {}
+
+
+def active(w: torch.Tensor, slot: int) -> bool:
+    """Does `slot` of the stacked weight `w` hold anything but zeros? A module the adapter
+    does not adapt (vLLM wraps every linear layer) has zeros there: its products are skipped.
+    Cached until the weight is written again (an adapter loaded into or out of a slot)."""
+    key = (w.data_ptr(), slot)
+    hit = _active.get(key)
+    if hit is not None and hit[0] == w._version:
+        return hit[1]
+    on = bool(w[slot].any())
+    _active[key] = (w._version, on)
+    return on
+
+
+def _weight(w: torch.Tensor, slot: int) -> torch.Tensor:
+    return w[slot, 0] if w.dim() == 4 else w[slot]
 
 
 def _shrink(out: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], indices: torch.Tensor,
             scale: float) -> None:
-    """out[i, t, :r] = scale * x[t] @ lora_a[i][slot(t)].T, fp32 like vLLM's buffer; 0 for no adapter."""
+    """out[i, t, :r] = scale * x[t] @ lora_a[i][slot(t)].T; 0 for a token of no adapter."""
     rows = x.shape[0]
-    how = plan(indices, rows)
+    kind, how = plan(indices, rows)
+    groups = [] if kind == "none" else [(how, None)] if kind == "one" else how
     for i, a in enumerate(lora_a):
         r = a.shape[-2]
-        if how[0] == "none":
-            out[i, :rows, :r] = 0
-        else:
-            out[i, :rows, :r] = scale * _product(x, a, how, out.dtype)
+        out[i, :rows, :r] = 0
+        for slot, sel in groups:
+            if not active(a, slot):
+                continue
+            xs = x if sel is None else x.index_select(0, sel)
+            res = scale * (xs @ _weight(a, slot).t()).to(out.dtype)
+            if sel is None:
+                out[i, :rows, :r] = res
+            else:
+                out[i, :rows, :r].index_copy_(0, sel, res)
 
 
 def _expand(y: torch.Tensor, h: torch.Tensor, lora_b: list[torch.Tensor], indices: torch.Tensor,
             slices: list[int], offset: int, add: bool) -> None:
     """y[t, slice i] (+)= h[i, t] @ lora_b[i][slot(t)].T; a token of no adapter adds 0."""
     rows = h.shape[1]
-    how = plan(indices, rows)
+    kind, how = plan(indices, rows)
+    groups = [] if kind == "none" else [(how, None)] if kind == "one" else how
     for i, b in enumerate(lora_b):
         size = min(slices[i], b.shape[-2])
         target = y[:rows, offset:offset + size]
-        if how[0] == "none":
-            if not add:
-                target.zero_()
-        else:
-            res = _product(h[i], b[..., :size, :], how, y.dtype)
-            target.add_(res) if add else target.copy_(res)
+        if not add:
+            target.zero_()
+        for slot, sel in groups:
+            if not active(b, slot):
+                continue
+            w = _weight(b, slot)[:size]
+            if sel is None:
+                target.add_(h[i, :rows].to(y.dtype) @ w.t())
+            else:
+                target.index_add_(0, sel, h[i].index_select(0, sel).to(y.dtype) @ w.t())
         offset += slices[i]
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
                 indices: torch.Tensor, scale: float, slices: list[int]) -> None:
-    """y += (scale * x @ A.T) @ B.T per slice and token, with each token's adapter."""
+    """y += (scale * x @ A.T) @ B.T per slice and token, with each token's adapter, in the
+    activations' dtype (no casts: vLLM's wrapper would make an fp32 buffer and cast both
+    weights and activations into it on every call)."""
     rows = x.shape[0]
-    if plan(indices, rows)[0] == "none":
+    kind, how = plan(indices, rows)
+    if kind == "none":
         return  # no token has an adapter: nothing to add (the common case while v0000 is live)
-    h = torch.empty((len(lora_a), rows, lora_b[0].shape[-1]), dtype=torch.float32, device=x.device)
-    _shrink(h, x, lora_a, indices, scale)
-    _expand(y, h, lora_b, indices, slices, 0, True)
+    groups = [(how, None)] if kind == "one" else how
+    offset = 0
+    for a, b, size in zip(lora_a, lora_b, slices):
+        for slot, sel in groups:
+            if not (active(a, slot) and active(b, slot)):
+                continue
+            w_b = _weight(b, slot)[:size]
+            if sel is None:
+                y[:rows, offset:offset + w_b.shape[0]].add_(((x @ _weight(a, slot).t()) * scale) @ w_b.t())
+            else:
+                part = ((x.index_select(0, sel) @ _weight(a, slot).t()) * scale) @ w_b.t()
+                y[:rows, offset:offset + w_b.shape[0]].index_add_(0, sel, part)
+        offset += size
 
 
 def _nothing(*args) -> None:
