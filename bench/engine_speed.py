@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.docs import write_run  # noqa: E402
+from bench.gateways import gateway  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Engine speed"
@@ -116,24 +117,6 @@ def plain_vllm(model_dir: Path, dtype: str):
         proc.wait(60)
 
 
-@contextmanager
-def agentloop(model_dir: Path, env: dict[str, str]):
-    from tests.conftest import start_gateway, stop_gateway
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    home = Path(tempfile.mkdtemp(prefix="bench-speed-"))
-    try:
-        proc, url, _ = start_gateway(home, model_dir)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    try:
-        yield url, home
-    finally:
-        stop_gateway(proc)
-
-
 def promote_trained_version(url: str, home: Path, model_dir: Path) -> str:
     """Commit a non-zero rank-8 adapter (the zero adapter's shapes, random B) and promote it."""
     from agentloop.rl.registry import AdapterRegistry
@@ -186,7 +169,8 @@ def main() -> int:
     sides = {"before": {"AGENTLOOP_BASE_ON_WEIGHTS": "false", "AGENTLOOP_LORA_CPU_COMPILE": "0"}, "now": {}}
     for side, env in sides.items():
         label = "agentloop before issue 34" if side == "before" else "agentloop"
-        with agentloop(model_dir, env) as (url, home):
+        home = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+        with gateway(model_dir, env=env, home=home) as url:
             report(f"{label}, v0000 live", measure(url, "agentloop", args.reps, args.tokens))
             promote_trained_version(url, home, model_dir)
             report(f"{label}, a trained version live", measure(url, "agentloop", args.reps, args.tokens))

@@ -3,7 +3,8 @@
 `gateway(model_dir, env=..., extra=...)` yields the gateway's base URL while it runs
 (tests.conftest.start_gateway: the real CLI, a supervised engine, a fresh home) and stops it,
 engine and all, however the block ends. `env` holds AGENTLOOP_* settings for this gateway
-only; `extra` more `agentloop serve` flags (e.g. `--engine-arg`).
+only; `extra` more `agentloop serve` flags (e.g. `--engine-arg`); `home` its AGENTLOOP_HOME,
+when the caller needs to reach into it (its adapter registry), else a fresh temp folder.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 
 @contextmanager
-def gateway(model_dir: Path, *, env: dict[str, str] | None = None, extra: list[str] | None = None) -> Iterator[str]:
+def gateway(model_dir: Path, *, env: dict[str, str] | None = None, extra: list[str] | None = None,
+            home: Path | None = None) -> Iterator[str]:
     from tests.conftest import start_gateway, stop_gateway
 
     env = env or {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    home = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    home = home or Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     try:
         proc, url, _ = start_gateway(home, model_dir, extra=extra)
     finally:

@@ -58,8 +58,9 @@ class Settings(BaseSettings):
         "(serve/inside_vllm/think_end.py, a logits processor in the supervised engine). False leaves "
         "thinking as the model writes it: a small model then often answers inside its thinking, with no content."))
     base_on_weights: bool = Field(True, description=(
-        "Serve the base version (v0000) on the engines' bare base weights, with no LoRA cost (about half "
-        "the single-stream decode speed on CPU). False routes it through its zero adapter instead, as every "
+        "Serve the base version (v0000) on the engines' bare base weights, with no LoRA cost (an adapter, even "
+        "the zero one, costs decode speed: docs/benchmarks.md, 'Engine speed'). False routes it through its "
+        "zero adapter instead, as every "
         "version was before. Safe beside adapter requests in one batch: agentloop's CPU LoRA kernels (its vLLM "
         "plugin, which attached engines need anyway for the parsers) give no-adapter tokens exactly zero."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")

@@ -45,8 +45,9 @@ def model_slug(model: str) -> str:
 def http_engines(settings: Settings, router: ServedVersions, reverify: Reverify) -> list[Engine]:
     """The engines a gateway reaches: `--engine-url`s, or the one it supervises on loopback."""
     urls = settings.engine_urls or [f"http://127.0.0.1:{settings.engine_port}"]
-    return [HttpEngine(u, adapters=router.adapters, base_names=router.base_names, request_timeout=settings.request_timeout,
-                       health_interval=settings.health_interval, reverify=reverify) for u in urls]
+    return [HttpEngine(u, adapters=router.adapters, base_names=router.base_names,
+                       request_timeout=settings.request_timeout, health_interval=settings.health_interval,
+                       reverify=reverify) for u in urls]
 
 
 class Boot:

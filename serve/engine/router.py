@@ -99,7 +99,6 @@ class ModelRouter(ServedVersions):
     def __init__(self, alias: str, *, base_on_weights: bool = True, rng: random.Random | None = None):
         self.alias = alias
         self.base_on_weights = base_on_weights
-        self._base_names: frozenset[str] = frozenset()
         self.versions: dict[str, Version] = {}
         self.live: str | None = None           # served name of the live version
         self.canary: tuple[str, float] | None = None  # (served name, share of alias traffic)
@@ -113,7 +112,6 @@ class ModelRouter(ServedVersions):
             v = Version(name=self.name_of(version), version=version, path=path,
                         on_base=self.base_on_weights and version == BASE_VERSION)
             self.versions[v.name] = v
-            self._base_names = frozenset(n for n, x in self.versions.items() if x.on_base)
         if live or self.live is None:
             self.live = v.name
         return v
@@ -139,14 +137,13 @@ class ModelRouter(ServedVersions):
         if name in (self.live, self.canary and self.canary[0]):
             raise ValueError(f"{name} is still served")
         self.versions.pop(name, None)
-        self._base_names = self._base_names - {name}
 
     def adapters(self) -> dict[str, str]:
         """Every adapter the engines must hold: served name -> folder (not the on-base versions)."""
         return {v.name: v.path for v in self.versions.values() if not v.on_base}
 
     def base_names(self) -> frozenset[str]:
-        return self._base_names
+        return frozenset(n for n, v in self.versions.items() if v.on_base)
 
     def resolve(self, name: str) -> Version:
         if name == self.alias and self.live is not None:

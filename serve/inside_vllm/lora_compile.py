@@ -1,6 +1,7 @@
 """LoRA on vLLM's CPU backend without giving up torch.compile (a vLLM general plugin).
 
-Loaded only inside vLLM processes, after `lora_cpu` (whose GEMM-per-adapter products it uses).
+Loaded only inside vLLM processes, beside `lora_cpu` (whose ops still serve the paths this
+module leaves alone: LoRA on the logits, and everything when compilation stays off).
 
 Why: vLLM's CPU platform turns compilation off whenever LoRA is enabled
 (`CpuPlatform.check_and_update_config`: `compilation_config.mode = NONE`), because its
@@ -65,6 +66,12 @@ def plan(indices: torch.Tensor, rows: int) -> tuple[str, object]:
     return out
 
 
+def groups(indices: torch.Tensor, rows: int) -> list[tuple[int, torch.Tensor | None]]:
+    """The plan as (slot, its rows) pairs to loop over; rows None means all of them."""
+    kind, how = plan(indices, rows)
+    return [] if kind == "none" else [(how, None)] if kind == "one" else how
+
+
 # (data_ptr, slot) of a stacked LoRA weight -> (its version, whether the slot has weights).
 _active: dict[tuple[int, int], tuple[int, bool]] = {}
 
@@ -90,12 +97,11 @@ def _shrink(out: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], indi
             scale: float) -> None:
     """out[i, t, :r] = scale * x[t] @ lora_a[i][slot(t)].T; 0 for a token of no adapter."""
     rows = x.shape[0]
-    kind, how = plan(indices, rows)
-    groups = [] if kind == "none" else [(how, None)] if kind == "one" else how
+    todo = groups(indices, rows)
     for i, a in enumerate(lora_a):
         r = a.shape[-2]
         out[i, :rows, :r] = 0
-        for slot, sel in groups:
+        for slot, sel in todo:
             if not active(a, slot):
                 continue
             xs = x if sel is None else x.index_select(0, sel)
@@ -110,14 +116,13 @@ def _expand(y: torch.Tensor, h: torch.Tensor, lora_b: list[torch.Tensor], indice
             slices: list[int], offset: int, add: bool) -> None:
     """y[t, slice i] (+)= h[i, t] @ lora_b[i][slot(t)].T; a token of no adapter adds 0."""
     rows = h.shape[1]
-    kind, how = plan(indices, rows)
-    groups = [] if kind == "none" else [(how, None)] if kind == "one" else how
+    todo = groups(indices, rows)
     for i, b in enumerate(lora_b):
         size = min(slices[i], b.shape[-2])
         target = y[:rows, offset:offset + size]
         if not add:
             target.zero_()
-        for slot, sel in groups:
+        for slot, sel in todo:
             if not active(b, slot):
                 continue
             w = _weight(b, slot)[:size]
@@ -134,13 +139,10 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lo
     activations' dtype (no casts: vLLM's wrapper would make an fp32 buffer and cast both
     weights and activations into it on every call)."""
     rows = x.shape[0]
-    kind, how = plan(indices, rows)
-    if kind == "none":
-        return  # no token has an adapter: nothing to add (the common case while v0000 is live)
-    groups = [(how, None)] if kind == "one" else how
+    todo = groups(indices, rows)  # empty when no token has an adapter (the common case while v0000 is live)
     offset = 0
     for a, b, size in zip(lora_a, lora_b, slices):
-        for slot, sel in groups:
+        for slot, sel in todo:
             if not (active(a, slot) and active(b, slot)):
                 continue
             w_b = _weight(b, slot)[:size]
@@ -179,7 +181,7 @@ def _add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_s
 
 
 def _add_shrink(self, y, x, lora_a_stacked, scale, **kw):
-    if isinstance(y, torch.Tensor) and y.dim() == 3:  # the row-parallel layers' one buffer
+    if isinstance(y, torch.Tensor) and y.dim() == 3:  # the fully sharded layers' one buffer
         torch.ops.agentloop.lora_shrink(y, x.view(-1, x.shape[-1]), list(lora_a_stacked),
                                         self._token_lora_indices, scale)
         return y
