@@ -4,8 +4,9 @@ The orchestration only: datasets come from rl/datasets.py, training runs as
 its own process (rl/job.py), which also scores the gate's held-out pairs on
 the model it has loaded (rl/gate.py `score_loaded`), and everything that touches the serving engines goes through
 `LoopHooks` (the gateway implements them in serve/services/loop.py). Nothing here
-imports fastapi, and nothing heavy runs on the caller's event loop: blocking
-work is in subprocesses or worker threads.
+imports fastapi, and nothing blocking runs on the caller's event loop: training is a
+subprocess, and every store statement, dataset build and registry change runs in a worker
+thread (tests/test_event_loop.py holds a store that sleeps per statement against it).
 
 Invariants:
 - every state change of a run is written to the store (status, dataset
@@ -117,20 +118,25 @@ class Iteration:
         self.cfg = config
         self.work_dir = Path(work_dir)
 
+    async def _save(self, run_id: str, **fields) -> dict:
+        """Write a run's change in a worker thread: on a networked database a statement on the
+        event loop would stall every stream of this gateway while it waits."""
+        return await asyncio.to_thread(self.store.update_run, run_id, **fields)
+
     async def run(self, run: dict) -> dict:
         run_id = run["id"]
         try:
             return await self._run(run)
         except asyncio.CancelledError:
-            self.store.update_run(run_id, status="failed", reason="cancelled (the gateway stopped)")
+            await self._save(run_id, status="failed", reason="cancelled (the gateway stopped)")
             raise
         except Exception as e:
             log.exception("run %s failed", run_id)
-            return self.store.update_run(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
+            return await self._save(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
 
     async def _run(self, run: dict) -> dict:
         run_id, cfg = run["id"], self.cfg
-        self.store.update_run(run_id, status="running")
+        await self._save(run_id, status="running")
         work = self.work_dir / run_id
         phases: dict[str, float] = {}
         t = time.monotonic()
@@ -143,23 +149,23 @@ class Iteration:
         trained: tuple[str, ...] = ()
         if cfg.train_on == "new":
             try:
-                trained = tuple(self.registry.trained_feedback_ids(live))
+                trained = tuple(await asyncio.to_thread(self.registry.trained_feedback_ids, live))
             except VersionNotFound:
                 pass  # no manifest, nothing known to be trained; the job refuses a missing parent itself
         build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(
             kind=cfg.method, positives=cfg.train_positives, trained_feedback_ids=trained, **common))
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
             build_dataset, self.store, DatasetConfig(kind="dpo", **common))
-        files = build.to_jsonl(work / "data")
-        gate_files = pairs.to_jsonl(work / "gate") if pairs is not build else files
+        files = await asyncio.to_thread(build.to_jsonl, work / "data")
+        gate_files = await asyncio.to_thread(pairs.to_jsonl, work / "gate") if pairs is not build else files
         dataset = {"kind": cfg.method, "train": len(build.train), "eval": len(build.eval),
                    "gate_pairs": len(pairs.eval), "gate_callers": len({r["caller"] for r in pairs.eval}),
                    "untrusted_callers": len(untrusted), "stats": build.stats,
                    "feedback_ids": len(build.dataset_ids)}
-        self.store.update_run(run_id, dataset=dataset)
+        await self._save(run_id, dataset=dataset)
         phases["dataset"] = round(time.monotonic() - t, 3)
         if len(build.train) < cfg.min_train_examples:
-            return self.store.update_run(run_id, status="failed", reason=(
+            return await self._save(run_id, status="failed", reason=(
                 f"not enough {'new ' if trained else ''}training data: {len(build.train)} examples "
                 f"(< {cfg.min_train_examples})"))
 
@@ -174,17 +180,17 @@ class Iteration:
         if cfg.method == "kto":
             spec["config"].setdefault("desirable_weight", build.desirable_weight)
             spec["config"].setdefault("undesirable_weight", build.undesirable_weight)
-        self.store.update_run(run_id, parent=live, params={**(run.get("params") or {}), "job": spec["config"]})
+        await self._save(run_id, parent=live, params={**(run.get("params") or {}), "job": spec["config"]})
         t = time.monotonic()
         version, result = await self._train(run_id, spec, work)
         phases["train_job"] = round(time.monotonic() - t, 3)
         if version is None:
-            return self.store.update_run(run_id, status="failed", reason=result.get("error", "training failed"))
+            return await self._save(run_id, status="failed", reason=result.get("error", "training failed"))
         # Where the iteration's wall time goes (the job's own `train_seconds` is the optimizer loop).
         pref = result.pop("gate_preference", None)
         pref_seconds = result.pop("gate_seconds", None)
         result = {**result, "phase_seconds": phases}
-        self.store.update_run(run_id, version=version, result=result)
+        await self._save(run_id, version=version, result=result)
 
         # 3. The gate.
         t = time.monotonic()
@@ -198,19 +204,20 @@ class Iteration:
             raise
         phases["gate"] = round(time.monotonic() - t, 3)
         passed, reason = gate["passed"], gate["reason"]
-        self.store.update_run(run_id, gate=gate, result=result)
+        await self._save(run_id, gate=gate, result=result)
         if not passed:
             await self.hooks.unload(cand_name)
-            self.registry.set_status(version, "rejected", reason)
-            return self.store.update_run(run_id, status="rejected", reason=reason)
+            await asyncio.to_thread(self.registry.set_status, version, "rejected", reason)
+            return await self._save(run_id, status="rejected", reason=reason)
         if not run.get("promote", True):
             await self.hooks.unload(cand_name)
-            self.registry.set_status(version, "candidate", f"passed the gate, not promoted: {reason}")
-            return self.store.update_run(run_id, status="passed", reason=f"gate passed; not promoted ({reason})")
+            await asyncio.to_thread(self.registry.set_status, version, "candidate",
+                                    f"passed the gate, not promoted: {reason}")
+            return await self._save(run_id, status="passed", reason=f"gate passed; not promoted ({reason})")
         t = time.monotonic()
         await self.hooks.promote(version, f"{run_id}: {reason}")
         phases["promotion"] = round(time.monotonic() - t, 3)
-        return self.store.update_run(run_id, status="promoted", reason=reason, result=result)
+        return await self._save(run_id, status="promoted", reason=reason, result=result)
 
     async def _train(self, run_id: str, spec: dict, work: Path) -> tuple[str | None, dict]:
         work.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,8 @@ class Iteration:
                     break
                 kind = event.get("event")
                 if kind == "step":
-                    self.store.add_run_metrics(run_id, event["step"], event.get("metrics") or {})
+                    await asyncio.to_thread(self.store.add_run_metrics, run_id, event["step"],
+                                            event.get("metrics") or {})
                 elif kind in ("done", "failed"):
                     done = event
         except asyncio.CancelledError:

@@ -87,7 +87,7 @@ class Gateway:
         try:
             await asyncio.to_thread(access.start)  # refuses a public address without keys (StartupRefused)
         except BaseException:
-            self.store.close()
+            await asyncio.to_thread(self.store.close)
             raise
         self.access = access
         self.spawn(access.run())  # re-reads the keys every keys_refresh_seconds
@@ -114,7 +114,7 @@ class Gateway:
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
         if self.store is not None:
-            self.store.close()
+            await asyncio.to_thread(self.store.close)
 
     def health(self) -> dict[str, Any]:
         engines = [{"url": e.url, "ready": e.ready, "error": getattr(e, "last_error", None),
