@@ -69,8 +69,9 @@ def start_plain_vllm(model_dir: Path, home: Path) -> tuple[Any, str, str]:
                      chat_template=str(get_template("chatml-tools").path), tool_parser="hermes",
                      reasoning_parser=None, max_model_len=defaults["max_model_len"],
                      max_lora_rank=defaults["max_lora_rank"], max_loras=defaults["max_loras"],
-                     dtype=choose(defaults["engine_dtype"]).vllm_dtype)
-    env = vllm_env(kvcache_space_gib=defaults["kvcache_space_gib"])
+                     dtype=choose(defaults["engine_dtype"]).vllm_dtype,
+                     kv_cache_bytes=int(defaults["kvcache_space_gib"] * 2**30))
+    env = vllm_env()
     # An allow-list naming no plugin (vllm/plugins: only listed names load): our
     # parsers stay out. The empty string would do too; a name reads clearer in `ps`.
     env["VLLM_PLUGINS"] = "none"

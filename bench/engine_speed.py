@@ -91,10 +91,10 @@ def plain_vllm(model_dir: Path, dtype: str):
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", "plain", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-            "--chat-template", str(get_template("chatml-tools").path), "--disable-uvicorn-access-log"]
-    kv = Settings.model_fields["kvcache_space_gib"].default
-    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": str(kv), "HF_HUB_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1"}
+            "--chat-template", str(get_template("chatml-tools").path), "--disable-uvicorn-access-log",
+            "--kv-cache-memory-bytes", str(int(Settings.model_fields["kvcache_space_gib"].default * 2**30))]
+    env = {**os.environ, "VLLM_PLUGINS": "none", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     log = open(Path(tempfile.mkdtemp(prefix="bench-plain-")) / "vllm.log", "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

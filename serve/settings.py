@@ -40,9 +40,11 @@ class Settings(BaseSettings):
         "takes bf16 on a GPU and on CPUs with native bf16 (avx512_bf16 or amx_bf16) and fp32 elsewhere, where "
         "bf16 would be emulated (~3x slower under load); training decides by the same rule (rl/precision.py). "
         "/health says which was chosen and why."))
-    kvcache_space_gib: int = Field(1, ge=1, description=(
-        "VLLM_CPU_KVCACHE_SPACE (GiB) for a supervised CPU engine; vLLM takes whole GiB, and 0 leaves no "
-        "room for any cache block."))
+    kvcache_space_gib: float = Field(1.0, gt=0, description=(
+        "KV cache of a supervised CPU engine, in GiB (fractions allowed; passed as vLLM's "
+        "--kv-cache-memory-bytes, which VLLM_CPU_KVCACHE_SPACE would override, so the engine's "
+        "environment drops that). A GPU engine sizes its cache by itself (--engine-arg "
+        "--gpu-memory-utilization)."))
     max_model_len: int | None = Field(None, ge=16, description=(
         "Context length of a supervised engine; None takes the model's own (its config, as vLLM derives it). "
         "The gateway reads the context each engine really has from its /v1/models, so attached engines need "

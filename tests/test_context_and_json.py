@@ -124,6 +124,17 @@ def test_an_engine_that_cannot_start_fails_the_boot_with_vllms_reason(tiny_model
     assert "engine boot failed" in proc_log
 
 
+def test_a_context_whose_kv_cache_does_not_fit_fails_the_boot_with_vllms_reason(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """The tiny model's 2048-token context needs ~1 MB of KV cache; half a MB cannot hold one
+    request: the boot fails at once and says so in vLLM's words."""
+    monkeypatch.setenv("AGENTLOOP_KVCACHE_SPACE_GIB", str(0.5 / 1024))
+    with pytest.raises(RuntimeError) as e:
+        start_gateway(tmp_path, tiny_model, timeout=300)
+    said = str(e.value)
+    assert "before it was ready" in said and "KV cache" in said and "max seq len (2048)" in said, said
+
+
 def test_langchain_structured_output_invokes_and_streams(server):
     """LangChain's `with_structured_output(method="json_schema")`, as its users call it: the
     compact grammar ends the object, so invoke and stream both parse into the model."""

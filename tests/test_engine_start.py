@@ -21,6 +21,15 @@ def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
+def test_the_kv_cache_is_set_in_bytes_and_the_legacy_variable_cannot_override_it(monkeypatch):
+    from agentloop.serve.engine.supervisor import vllm_env
+
+    assert flag(vllm_argv(max_model_len=None, kv_cache_bytes=2**29, **ARGS), "--kv-cache-memory-bytes") == str(2**29)
+    assert flag(vllm_argv(max_model_len=None, **ARGS), "--kv-cache-memory-bytes") is None  # a GPU sizes its own
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_env()
+
+
 def test_the_context_is_the_models_unless_set():
     assert flag(vllm_argv(max_model_len=None, **ARGS), "--max-model-len") is None
     assert flag(vllm_argv(max_model_len=4096, **ARGS), "--max-model-len") == "4096"

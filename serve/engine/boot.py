@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from agentloop.rl.precision import Precision, choose
+from agentloop.rl.precision import Precision, choose, gpu_visible
 from agentloop.rl.versions import BASE_VERSION
 from agentloop.rl.zero_adapter import write_zero_adapter
 from agentloop.serve.engine.adapters import AdapterManager
@@ -87,8 +87,9 @@ class Boot:
             tool_parser=tpl.tool_parser, reasoning_parser=tpl.reasoning_parser, reasoning_end=tpl.reasoning_end,
             max_model_len=s.max_model_len, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
             dtype=self.precision.vllm_dtype, close_thinking=s.thinking_close, extra=s.engine_extra_args,
+            kv_cache_bytes=None if gpu_visible() else int(s.kvcache_space_gib * 2**30),
         )
-        self.process = EngineProcess(argv, vllm_env(kvcache_space_gib=s.kvcache_space_gib),
+        self.process = EngineProcess(argv, vllm_env(),
                                      s.home / "logs" / f"engine-{s.engine_port}.log",
                                      on_exit=lambda code: self.pool.engines[0].mark_down(f"process exited ({code})"))
         self.state = "starting engine"

@@ -41,7 +41,7 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, tool_parser: str,
               reasoning_parser: str | None, max_model_len: int | None, max_lora_rank: int, max_loras: int,
               dtype: str = "bfloat16", reasoning_end: str | None = None, close_thinking: bool = True,
-              extra: list[str] | None = None) -> list[str]:
+              kv_cache_bytes: int | None = None, extra: list[str] | None = None) -> list[str]:
     """The vLLM command line the gateway relies on (tools, reasoning, runtime LoRA,
     compact structured output). No max_model_len: vLLM takes the model's own."""
     argv = [
@@ -72,6 +72,9 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
     ]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
+    if kv_cache_bytes:
+        # In bytes, not VLLM_CPU_KVCACHE_SPACE's whole GiB: a small model needs far less.
+        argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
     if reasoning_parser:
         argv += ["--reasoning-parser", reasoning_parser]
         if reasoning_end:
@@ -84,11 +87,13 @@ def vllm_argv(*, model: str, served_name: str, port: int, chat_template: str, to
     return argv + list(extra or [])
 
 
-def vllm_env(*, kvcache_space_gib: int) -> dict[str, str]:
+def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
+    # vLLM's CPU platform applies this legacy variable over --kv-cache-memory-bytes: the
+    # gateway's setting (vllm_argv's kv_cache_bytes) must be the one that holds.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "VLLM_CPU_KVCACHE_SPACE": str(kvcache_space_gib),
         "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
