@@ -82,7 +82,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        self.store = await asyncio.to_thread(Store, s.db_url)
+        self.store = await asyncio.to_thread(Store, s.db_url, connect_timeout=s.db_connect_timeout,
+                                             pool_size=s.db_pool_size)
         access = Access(s, self.store)
         try:
             await asyncio.to_thread(access.start)  # refuses a public address without keys (StartupRefused)

@@ -93,6 +93,23 @@ class EngineUnreachable(EngineUnavailable):
     so it is safe to send it to another engine."""
 
 
+class StoreUnavailable(AgentloopError):
+    """The database cannot be reached (down, restarting, unreachable within its connect
+    timeout, or every pooled connection busy past the pool's timeout); the client should
+    retry. Raised by the store for connection failures only, never for a bad statement."""
+
+    status = 503
+    type = "server_error"
+    code = "database_unavailable"
+
+    def __init__(self, message: str = "The database is not available; retry shortly.", *, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class EngineError(AgentloopError):
     """The engine answered with an error of its own; keep its status and body.
 

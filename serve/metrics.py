@@ -26,6 +26,10 @@ class Metrics:
         self.engines_ready = Gauge("agentloop_engines_ready", "Engines ready to serve.", registry=self.registry)
         self.log_pending = Gauge("agentloop_log_pending", "Request-log rows waiting to be written.",
                                  registry=self.registry)
+        self.log_dead_letters = Gauge("agentloop_log_dead_letters", "Request-log rows whose write failed, "
+                                      "kept and retried (the database was down or busy).", registry=self.registry)
+        self.log_dropped = Gauge("agentloop_log_dropped_rows", "Request-log rows given up since start: dead "
+                                 "letters beyond the writer's bound.", registry=self.registry)
 
     def observe(self, *, model: str, version: str, status: int, latency: float, ttft: float | None,
                 usage: dict | None) -> None:

@@ -70,8 +70,15 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the store; None uses SQLite at <home>/agentloop.db."
+        None, description="SQLAlchemy URL of the store; None uses SQLite at <home>/agentloop.db. PostgreSQL: "
+        "postgresql+psycopg://user:password@host:5432/dbname (docs/deploy.md)."
     )
+    db_connect_timeout: int = Field(5, ge=1, description=(
+        "Seconds to wait for a PostgreSQL connection before a request that needs the database is "
+        "answered 503 with Retry-After (a connect_timeout in the URL wins)."))
+    db_pool_size: int = Field(5, ge=1, description=(
+        "PostgreSQL connections kept open by this gateway; as many again may open under load. "
+        "Size the server's max_connections for every gateway and trainer: 2 x this each."))
     log_queue_size: int = Field(10000, description="Bound of the request-log write queue.")
     request_timeout: float = Field(600.0, description="Seconds before an engine request is abandoned.")
     health_interval: float = Field(2.0, description="Seconds between engine health checks.")

@@ -41,8 +41,8 @@ ADMIN = {"Authorization": "Bearer admin-test"}
 class SlowStore(Store):
     """The real store with every statement 200 ms slower, counting them."""
 
-    def __init__(self, url: str):
-        super().__init__(url)  # migrations at full speed
+    def __init__(self, url: str, **options):
+        super().__init__(url, **options)  # migrations at full speed
         self.statements = 0
         event.listen(self.engine, "before_cursor_execute", self._slow)
 

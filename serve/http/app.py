@@ -91,6 +91,8 @@ def create_app(settings: Settings | None = None, *, engines: list[Engine] | None
     async def metrics():
         gw.metrics.engines_ready.set(sum(e.ready for e in gw.pool.engines) if gw.pool else 0)
         gw.metrics.log_pending.set(gw.writer.pending if gw.writer else 0)
+        gw.metrics.log_dead_letters.set(gw.writer.dead_letters if gw.writer else 0)
+        gw.metrics.log_dropped.set(gw.writer.dropped if gw.writer else 0)
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from agentloop.serve.errors import (
     AgentloopError, AuthenticationFailed, EngineUnavailable, InvalidRequest, RateLimited,
-    RequestTooLarge,
+    RequestTooLarge, StoreUnavailable,
 )
 from agentloop.serve.store.keys import ANONYMOUS, caller_for_key, hash_key
 
@@ -239,7 +239,9 @@ class Access:
                 self._check_admin_clash()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a busy or briefly gone store: keep the last snapshot
+            except StoreUnavailable:  # the store logged why; an outage is not a bug to trace
+                log.warning("could not re-read the API keys (database unavailable); keeping the previous set")
+            except Exception:  # noqa: BLE001 - a busy store: keep the last snapshot
                 log.exception("could not re-read the API keys; keeping the previous set")
 
     def _check_admin_clash(self) -> None:

@@ -23,6 +23,11 @@ Invariants
 - Rows are never dropped silently: a write that keeps failing leaves its rows in
   ``failed_rows``, retried on every flush and on close, and logged.
 - Inserting an id that exists is a no-op, so retries are harmless.
+- A database that cannot be reached is ``StoreUnavailable`` (serve/errors.py: a 503 with
+  Retry-After at the HTTP edge), raised within the connect timeout (PostgreSQL:
+  ``connect_timeout``, default 5 s) or the pool timeout; a statement's own error (bad data,
+  a constraint) stays the driver's. Pooled PostgreSQL connections are pinged before use,
+  so after a server restart the store reconnects by itself on the next call.
 
 This module must never import fastapi, torch or vllm.
 """
@@ -47,6 +52,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
+from agentloop.serve.errors import StoreUnavailable
 from agentloop.serve.store.feedback import FeedbackStore, m002_feedback
 from agentloop.serve.store.runs import RunStore, m003_runs
 from agentloop.serve.store.keys import KeyStore, m004_api_keys
@@ -173,12 +179,21 @@ def _decode(mapping: Any) -> dict[str, Any]:
 class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, connect_timeout: int = 5, pool_size: int = 5, pool_timeout: float = 10.0):
+        """`connect_timeout` (seconds, PostgreSQL; a `connect_timeout` in the URL wins),
+        `pool_size` connections kept per process (as many again may open under load) and
+        `pool_timeout` seconds a call waits for a free one: a server-backed database only."""
         self.url = url
         u = make_url(url)
         self.dialect = u.get_backend_name()
         self._is_sqlite = self.dialect == "sqlite"
         kwargs: dict[str, Any] = {}
+        if not self._is_sqlite:
+            # pre_ping: a connection the server dropped (a restart) is replaced on checkout
+            # instead of failing the call that drew it.
+            kwargs.update(pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout)
+            if self.dialect == "postgresql" and "connect_timeout" not in u.query:
+                kwargs["connect_args"] = {"connect_timeout": max(1, int(connect_timeout))}
         memory = self._is_sqlite and u.database in (None, "", ":memory:")
         if memory:
             # One in-memory database must be seen by every thread (the LogWriter
@@ -214,12 +229,23 @@ class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
 
     @contextmanager
     def _conn(self, *, write: bool = False) -> Iterator[Connection]:
-        """A connection in a transaction, committed on success."""
-        with self._mem_lock, self.engine.connect() as conn:
-            if write and self._is_sqlite:
-                conn.execution_options(**{_IMMEDIATE: True})
-            with conn.begin():
-                yield conn
+        """A connection in a transaction, committed on success. A database that cannot be
+        reached, or a connection lost mid-way, is StoreUnavailable; other errors pass as they are."""
+        with self._mem_lock:
+            try:
+                conn = self.engine.connect()
+            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as e:
+                raise _unavailable(self, e) from e
+            with conn:
+                try:
+                    if write and self._is_sqlite:
+                        conn.execution_options(**{_IMMEDIATE: True})
+                    with conn.begin():
+                        yield conn
+                except sa_exc.DBAPIError as e:
+                    if e.connection_invalidated or isinstance(e, sa_exc.InterfaceError):
+                        raise _unavailable(self, e) from e
+                    raise
 
     # ------------------------------------------------------------ migrations
 
@@ -359,6 +385,12 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
+def _unavailable(store: "Store", e: BaseException) -> StoreUnavailable:
+    # The driver's words go to the log, not to clients: they may name hosts and users.
+    logger.warning("store %s unavailable: %s", store.engine.url, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return StoreUnavailable()
+
+
 def _retry_busy(fn: Callable[[], Any], attempts: int = 6) -> Any:
     """Run fn, retrying briefly while SQLite says "database is locked".
 
@@ -371,8 +403,8 @@ def _retry_busy(fn: Callable[[], Any], attempts: int = 6) -> Any:
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as e:  # sqlite3's or SQLAlchemy's OperationalError
-            if attempt == attempts - 1 or "database is locked" not in str(e):
+        except Exception as e:  # sqlite3's or SQLAlchemy's OperationalError (or ours, caused by one)
+            if attempt == attempts - 1 or "database is locked" not in f"{e} {e.__cause__}":
                 raise
             time.sleep(0.02 * 2 ** attempt)
 

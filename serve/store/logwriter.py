@@ -9,7 +9,13 @@ Invariants (with serve/store/db.py's):
   ``maxsize``), in the batch being written, waiting in ``asubmit`` for queue
   space, or in ``failed_rows``. Call ``close()`` on shutdown;
 - rows are never dropped silently: a write that keeps failing leaves its rows in
-  ``failed_rows``, retried on every flush and on close, and logged.
+  ``failed_rows`` (dead letters), retried on every flush, on close, at once after a
+  write succeeds again, and on a timer while idle (``retry_interval``, doubling to
+  ``max_retry_interval`` while the store stays down), so an outage of the database
+  is written up by itself when it ends;
+- the dead letters are bounded (``max_failed``, by default the queue's size): beyond
+  it the oldest are dropped, counted in ``dropped`` (``agentloop_log_dropped_rows`` in
+  /metrics) and logged. Memory stays bounded through an outage of any length.
 
 Never imports fastapi, torch or vllm.
 """
@@ -62,11 +68,13 @@ class LogWriter:
     written), ``failures`` failed insert attempts, ``rejected`` submit() calls
     refused, ``throttled`` asubmit() calls that had to wait for queue space,
     ``pending`` rows accepted but not yet committed (queued, in flight, or in
-    ``failed_rows``). The caller owns the store and closes it after close().
+    ``failed_rows``), ``dropped`` dead letters given up beyond ``max_failed``. The
+    caller owns the store and closes it after close().
     """
 
     def __init__(self, store: Store, *, maxsize: int = 10_000, batch_size: int = 256,
-                 flush_interval: float = 0.5, max_retries: int = 3, retry_backoff: float = 0.1):
+                 flush_interval: float = 0.5, max_retries: int = 3, retry_backoff: float = 0.1,
+                 max_failed: int | None = None, retry_interval: float = 1.0, max_retry_interval: float = 30.0):
         if maxsize < 1 or batch_size < 1 or flush_interval <= 0 or max_retries < 0:
             # maxsize 0 would make queue.Queue unbounded: the bound is the point.
             raise ValueError("need maxsize >= 1, batch_size >= 1, flush_interval > 0, max_retries >= 0")
@@ -75,6 +83,11 @@ class LogWriter:
         self.flush_interval = flush_interval
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.max_failed = max_failed if max_failed is not None else maxsize
+        self.retry_interval = retry_interval
+        self.max_retry_interval = max_retry_interval
+        self._retry_wait = retry_interval
+        self._next_retry = 0.0
         self._q: queue.Queue = queue.Queue(maxsize)
         self._lock = threading.Lock()  # guards counters, _closed and _blocked_puts
         self._closed = False
@@ -84,6 +97,7 @@ class LogWriter:
         self.failures = 0
         self.rejected = 0
         self.throttled = 0
+        self.dropped = 0
         self._failed: list[dict[str, Any]] = []  # dead letters; only the worker touches it while alive
         self._thread = threading.Thread(target=self._run, name="agentloop-logwriter", daemon=True)
         self._thread.start()
@@ -144,7 +158,12 @@ class LogWriter:
     @property
     def pending(self) -> int:
         with self._lock:
-            return self._accepted - self.written
+            return self._accepted - self.written - self.dropped
+
+    @property
+    def dead_letters(self) -> int:
+        """How many rows wait in failed_rows (for /metrics: no copy)."""
+        return len(self._failed)
 
     @property
     def failed_rows(self) -> list[dict[str, Any]]:
@@ -199,15 +218,16 @@ class LogWriter:
             marker: _Flush | None = None
             try:
                 marker = self._collect(batch)
-                if batch:
-                    self._write(batch)
+                wrote = self._write(batch) if batch else False
                 if marker is not None:
                     marker.ok = self._retry_failed()
+                elif self._failed and (wrote or time.monotonic() >= self._next_retry):
+                    self._retry_later()
             except Exception:  # noqa: BLE001 - the thread must survive anything
                 logger.exception("LogWriter loop error; keeping %d rows for retry", len(batch))
                 # Skip rows _write already kept: a row written twice would count twice.
                 kept = {id(r) for r in self._failed}
-                self._failed.extend(r for r in batch if id(r) not in kept)
+                self._keep([r for r in batch if id(r) not in kept])
             finally:
                 if marker is not None:
                     marker.event.set()  # ok stays False on error
@@ -266,8 +286,30 @@ class LogWriter:
                 with self._lock:
                     self.written += len(rows)
                 return True
-        self._failed.extend(rows)
+        self._keep(rows)
         return False
+
+    def _keep(self, rows: list[dict[str, Any]]) -> None:
+        """Add dead letters, dropping the oldest beyond max_failed (counted and logged)."""
+        if not self._failed:  # the first dead letter: the idle retry waits one interval
+            self._next_retry = time.monotonic() + self._retry_wait
+        self._failed.extend(rows)
+        over = len(self._failed) - self.max_failed
+        if over > 0:
+            del self._failed[:over]
+            with self._lock:
+                self.dropped += over
+            logger.error("LogWriter: %d dead-letter rows dropped (more than %d kept); %d dropped so far",
+                         over, self.max_failed, self.dropped)
+
+    def _retry_later(self) -> None:
+        """The idle retry of the dead letters: at once when a write just succeeded (the store is
+        back), else on a timer that doubles while the store stays down."""
+        if self._retry_failed():
+            self._retry_wait = self.retry_interval
+        else:
+            self._retry_wait = min(self._retry_wait * 2, self.max_retry_interval)
+        self._next_retry = time.monotonic() + self._retry_wait
 
     def _retry_failed(self) -> bool:
         """Retry the dead letters once (with the usual retries); True if none remain."""
@@ -277,6 +319,6 @@ class LogWriter:
             if not self._write(rows[i:i + self.batch_size]) and self.written == before:
                 # Nothing landed: the store is still down, do not hammer it with
                 # the rest. (If some rows landed, only bad rows failed: go on.)
-                self._failed.extend(rows[i + self.batch_size:])
+                self._keep(rows[i + self.batch_size:])
                 break
         return not self._failed
