@@ -11,7 +11,9 @@ thread (tests/test_event_loop.py holds a store that sleeps per statement against
 Invariants:
 - every state change of a run is written to the store (status, dataset
   stats, per-step metrics, gate numbers, reason), so a run is inspectable
-  and a restart sees the truth;
+  and a restart sees the truth; a run that fails (the database going away
+  included) keeps trying to record that until the store takes it, so it never
+  stays active and blocks the next run;
 - a candidate that fails the gate is kept in the registry as `rejected` with
   its numbers and nothing changes for users; only a passing candidate of a
   run asked to promote becomes live;
@@ -117,22 +119,39 @@ class Iteration:
         self.hooks = hooks
         self.cfg = config
         self.work_dir = Path(work_dir)
+        self.final_retry_seconds = 0.5  # first wait before a failed run's state is written again
 
     async def _save(self, run_id: str, **fields) -> dict:
         """Write a run's change in a worker thread: on a networked database a statement on the
         event loop would stall every stream of this gateway while it waits."""
         return await asyncio.to_thread(self.store.update_run, run_id, **fields)
 
+    async def _save_final(self, run_id: str, **fields) -> dict:
+        """A run's last write, retried until the store takes it: a run left active in the
+        store would refuse every later run (one at a time) while this process lives."""
+        wait = self.final_retry_seconds
+        while True:
+            try:
+                return await self._save(run_id, **fields)
+            except Exception as e:  # noqa: BLE001 - the database may be down: wait for it
+                log.warning("run %s: could not record %s (%s); retrying in %.1f s", run_id, fields.get("status"),
+                            e, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
+
     async def run(self, run: dict) -> dict:
         run_id = run["id"]
         try:
             return await self._run(run)
         except asyncio.CancelledError:
-            await self._save(run_id, status="failed", reason="cancelled (the gateway stopped)")
+            try:
+                await self._save(run_id, status="failed", reason="cancelled (the gateway stopped)")
+            except Exception:  # noqa: BLE001 - the next start marks a run of a dead owner failed
+                log.warning("run %s: cancelled, and its state could not be recorded", run_id)
             raise
         except Exception as e:
             log.exception("run %s failed", run_id)
-            return await self._save(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
+            return await self._save_final(run_id, status="failed", reason=f"{type(e).__name__}: {e}")
 
     async def _run(self, run: dict) -> dict:
         run_id, cfg = run["id"], self.cfg

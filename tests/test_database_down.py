@@ -4,6 +4,8 @@ Owns:
 - the request log's writer through an outage: rows it cannot write are kept (bounded: the
   oldest beyond `max_failed` are dropped and counted) and written by themselves when the
   store is back, with no flush or restart;
+- a training run that meets an outage ends `failed` in the store once it is back, so it does
+  not stay active and refuse every later run;
 - a gateway on a real PostgreSQL server that is stopped and started again: requests that
   need the database get a 503 with Retry-After at once (well inside the connect timeout),
   chat completions, streamed and not, go on, /metrics shows the rows waiting, and when the
@@ -85,6 +87,45 @@ def test_the_dead_letters_are_bounded_and_what_is_dropped_is_counted(db_url: str
     s.close()
 
 
+class DownRuns(Store):
+    """The real store whose run updates fail while `down` is set."""
+
+    down = False
+
+    def update_run(self, run_id, **fields):
+        if self.down:
+            raise StoreUnavailable()
+        return super().update_run(run_id, **fields)
+
+
+def test_a_run_that_meets_an_outage_ends_failed_once_the_store_is_back(tmp_path):
+    import asyncio
+
+    from agentloop.rl.loop import Iteration, LoopConfig
+    from agentloop.rl.registry import AdapterRegistry
+    from tests.test_event_loop import LiveOnly
+
+    store = DownRuns(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    run = store.create_run(method="dpo", trigger="admin")
+    it = Iteration(store, AdapterRegistry(tmp_path / "adapters"), base_model="m", template="chatml",
+                   hooks=LiveOnly(), config=LoopConfig(), work_dir=tmp_path / "runs")
+    it.final_retry_seconds = 0.05
+    store.down = True
+
+    async def outage_then_back():
+        task = asyncio.create_task(it.run(run))
+        await asyncio.sleep(0.4)  # several tries fail meanwhile
+        assert not task.done()
+        store.down = False
+        return await asyncio.wait_for(task, 10)
+
+    done = asyncio.run(outage_then_back())
+    assert done["status"] == "failed" and "StoreUnavailable" in done["reason"]
+    assert store.active_run() is None
+    assert store.create_run(method="dpo", trigger="admin")["status"] == "queued"  # the next run may start
+    store.close()
+
+
 def metric(c: TestClient, name: str) -> float:
     for line in c.get("/metrics").text.splitlines():
         if line.startswith(name + " "):
@@ -127,8 +168,8 @@ def test_a_gateway_through_a_postgresql_outage(tmp_path):
             cluster.start()  # same port, same data
             again = {"completion_id": first, "type": "rating", "value": 5}
             assert wait_until(lambda: c.post("/v1/feedback", json=again).status_code == 200, timeout=15)
-            assert wait_until(lambda: metric(c, "agentloop_log_dead_letters") == 0, timeout=40)
-            assert metric(c, "agentloop_log_dropped_rows") == 0 and metric(c, "agentloop_log_pending") == 0
+            assert wait_until(lambda: metric(c, "agentloop_log_pending") == 0, timeout=40)
+            assert metric(c, "agentloop_log_dropped_rows") == 0 and metric(c, "agentloop_log_dead_letters") == 0
             store = app.state.gw.store
             assert store.get_completion(during.json()["id"]) is not None
             assert store.count_completions() == 3 and store.count_feedback() == 2
