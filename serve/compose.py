@@ -5,7 +5,8 @@ them from it, and no part ever receives it. Each part gets exactly what it uses
 through its constructor:
 
     Settings ──► Store ─► LogWriter, Access (keys, limits), LoopRunner
-    ModelRouter (ServedVersions) ─► AdapterManager, ChatService, engines' served set
+    StoreServedVersions (ServedVersions) ─► AdapterManager, ChatService, engines' served set
+        (it gets the Store at start; the manager follows the store's served state from bind on)
     engines ─► EnginePool ─► AdapterManager, ChatService, LoopRunner, Boot
     AdapterManager ─► Boot (binds it to the base model's registry), LoopRunner
 
@@ -32,7 +33,7 @@ from typing import Any
 from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.boot import Boot, http_engines
 from agentloop.serve.engine.client import Engine, EnginePool
-from agentloop.serve.engine.router import ModelRouter
+from agentloop.serve.engine.router import StoreServedVersions
 from agentloop.serve.services.access import Access
 from agentloop.serve.metrics import Metrics
 from agentloop.serve.services.chat import ChatService
@@ -59,14 +60,20 @@ class Gateway:
         """The parts that need no I/O, wired at once; `start` adds those that do."""
         self.settings = settings
         self.metrics = Metrics()
-        self.router = ModelRouter(settings.alias, base_on_weights=settings.base_on_weights)
+        # What is served is the store's (every gateway on the database follows it); the
+        # router gets the store once `start` has opened it, before anything is served.
+        self.router = StoreServedVersions(settings.alias, None, base_on_weights=settings.base_on_weights,
+                                          poll=settings.served_poll_seconds,
+                                          heartbeat=settings.served_heartbeat_seconds,
+                                          hold_ttl=settings.served_hold_ttl_seconds)
 
         def reverify(name: str) -> bool:  # the forwarder that closes the engines <-> manager cycle
             return self.adapters.reverify(name)
 
         # Tests and embedders may bring their own engines; then nothing is supervised (no Boot).
         self.pool = EnginePool(engines if engines is not None else http_engines(settings, self.router, reverify))
-        self.adapters = AdapterManager(self.router, self.pool, max_rank=settings.max_lora_rank)
+        self.adapters = AdapterManager(self.router, self.pool, max_rank=settings.max_lora_rank,
+                                       registry_url=settings.registry_url)
         self.boot: Boot | None = Boot(settings, self.pool, self.adapters) if engines is None else None
         self.store: Store | None = None
         self.writer: LogWriter | None = None
@@ -84,6 +91,8 @@ class Gateway:
         s = self.settings
         self.store = await asyncio.to_thread(Store, s.db_url, connect_timeout=s.db_connect_timeout,
                                              pool_size=s.db_pool_size)
+        self.router.store = self.store
+        await self.adapters.start()
         access = Access(s, self.store)
         try:
             await asyncio.to_thread(access.start)  # refuses a public address without keys (StartupRefused)
@@ -104,6 +113,7 @@ class Gateway:
             self.loop.start_scheduler()
 
     async def stop(self) -> None:
+        await self.adapters.aclose()
         if self.loop is not None:
             await self.loop.stop()
         if self.boot is not None:
@@ -121,10 +131,13 @@ class Gateway:
         engines = [{"url": e.url, "ready": e.ready, "error": getattr(e, "last_error", None),
                     "max_model_len": e.max_model_len}
                    for e in (self.pool.engines if self.pool else [])]
-        ready = bool(self.pool and self.pool.ready and self.router.versions)
+        # Shared served state: not ready before the deployment's state is applied here.
+        ready = bool(self.pool and self.pool.ready and self.router.versions
+                     and self.adapters.state_applied)
         return {"status": "ok" if ready else "starting", "ready": ready, "engines": engines,
                 "max_model_len": self.pool.max_model_len if self.pool else None,
-                "live": self.router.live, "boot": self.boot.state if self.boot else None,
+                "live": self.router.live, "served": self.adapters.served_health(),
+                "boot": self.boot.state if self.boot else None,
                 "engine_dtype": self.engine_dtype()}
 
     def engine_dtype(self) -> dict[str, str] | None:

@@ -110,6 +110,16 @@ class StoreUnavailable(AgentloopError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class RegistryUnavailable(StoreUnavailable):
+    """The deployment's adapter registry (its `registry_url`) cannot be reached; retry shortly."""
+
+    code = "registry_unavailable"
+
+    def __init__(self, message: str = "The adapter registry is not available; retry shortly.", *,
+                 retry_after: int = 5):
+        super().__init__(message, retry_after=retry_after)
+
+
 class EngineError(AgentloopError):
     """The engine answered with an error of its own; keep its status and body.
 

@@ -17,6 +17,17 @@ def default_home() -> Path:
     return Path(os.environ.get("AGENTLOOP_HOME", Path.home() / ".cache" / "agentloop"))
 
 
+def check_registry_url(url: str) -> None:
+    """ValueError unless fsspec knows the URL's filesystem (and its package is installed)."""
+    import fsspec
+
+    protocol, _ = fsspec.core.split_protocol(url)
+    try:
+        fsspec.get_filesystem_class(protocol or "file")
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"registry_url {url!r}: {e}") from None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTLOOP_", extra="ignore")
 
@@ -67,6 +78,21 @@ class Settings(BaseSettings):
         "zero adapter instead, as every "
         "version was before. Safe beside adapter requests in one batch: agentloop's CPU LoRA kernels (its vLLM "
         "plugin, which attached engines need anyway for the parsers) give no-adapter tokens exactly zero."))
+    registry_url: str | None = Field(None, description=(
+        "Where the deployment's adapter versions live, shared by its gateways and trainers: any fsspec URL "
+        "(file:///dir or a folder, s3://bucket/prefix with s3fs installed, ...). Each gateway keeps its own "
+        "copy under <home>/adapters, next to its engines: a version is published there before it is served "
+        "and fetched from there (its hashes checked) by every gateway that lacks it. None: this gateway's "
+        "home only (one gateway)."))
+    served_poll_seconds: float = Field(0.1, gt=0, le=10, description=(
+        "On SQLite, how often a gateway reads the served state (live version, canary) that any gateway on the "
+        "database may change; PostgreSQL wakes it by LISTEN/NOTIFY instead. A change reaches every gateway "
+        "within this plus the time to load the version."))
+    served_heartbeat_seconds: float = Field(5.0, gt=0, description=(
+        "How often a gateway renews its holds: the versions it routes to, which no other gateway unloads "
+        "from a shared engine."))
+    served_hold_ttl_seconds: float = Field(30.0, gt=0, description=(
+        "A gateway not heard from for this long (it died) no longer keeps a version loaded for anyone."))
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine accepts.")
     max_loras: int = Field(4, description="LoRA adapters resident at once in the engine.")
     database_url: str | None = Field(
@@ -123,6 +149,13 @@ class Settings(BaseSettings):
         from agentloop.rl.precision import normalize
 
         return normalize(v)
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_ok(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_registry_url(v)
+        return v
 
     @field_validator("engine_urls")
     @classmethod

@@ -129,13 +129,14 @@ class Server:
 
 
 def start_gateway(home: Path, model_dir: Path | None, *, extra: list[str] | None = None,
-                  timeout: float = 600.0, port: int | None = None) -> tuple[subprocess.Popen, str, str]:
+                  timeout: float = 600.0, port: int | None = None,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
     """Start `agentloop serve` on `home` and wait until it is ready. With `extra=["--engine-url", URL]`
     and no model it attaches to a running engine instead of starting one; `port` reuses a port
-    (a restart on the same address)."""
+    (a restart on the same address); `env` adds settings (AGENTLOOP_*)."""
     port, engine_port = port or free_port(), free_port()
     env = {**os.environ, "AGENTLOOP_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "AGENTLOOP_HEALTH_INTERVAL": "0.5", "AGENTLOOP_ADMIN_KEY": ADMIN_KEY}
+           "AGENTLOOP_HEALTH_INTERVAL": "0.5", "AGENTLOOP_ADMIN_KEY": ADMIN_KEY, **(env or {})}
     log = open(home / "gateway.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agentloop.serve.cli", "serve", "--port", str(port), "--engine-port", str(engine_port),

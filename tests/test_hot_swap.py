@@ -60,7 +60,10 @@ def test_promote_pin_and_rollback(server, tmp_path, restore_base):
     m = committed_noisy(server, tmp_path)
     r = server.admin("POST", "/admin/promote", json={"version": m.version})
     assert r.status_code == 200, r.text
-    assert r.json() == {"version": m.version, "previous": "v0000", "status": "live"}
+    body = r.json()
+    generation = body["generation"]  # of the served state every gateway follows
+    assert body == {"version": m.version, "previous": "v0000", "status": "live", "generation": generation}
+    assert generation >= 2 and httpx.get(f"{server.url}/health").json()["served"]["generation"] == generation
     new = ask(server)
     assert new["model"] == f"agentloop@{m.version}"
     assert new["choices"][0]["message"]["content"] != expected

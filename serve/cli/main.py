@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "model": args.model, "alias": args.alias,
         "template": args.template, "engine_port": args.engine_port, "database_url": args.database_url,
+        "registry_url": args.registry_url,
         "max_model_len": args.max_model_len,
         "engine_dtype": args.engine_dtype,
     }.items() if v is not None}
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-dtype", help="dtype of the supervised engine: auto (default: bf16 where the CPU "
                                           "has native bf16, else fp32), bfloat16 or float32.")
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
+    s.add_argument("--registry-url", help="Where adapter versions live, shared by the gateways of a deployment: a "
+                                          "folder or file:///dir (default AGENTLOOP_HOME/adapters).")
     s.add_argument("--open", action="store_true", default=None,
                    help="Serve /v1 without API keys on a non-loopback address while no key exists "
                         "(AGENTLOOP_OPEN; local use only: anyone who can connect can use the model).")

@@ -26,10 +26,11 @@ import logging
 from pathlib import Path
 
 from agentloop.rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
+from agentloop.rl.registry_url import RegistryMirror
 from agentloop.rl.versions import BASE_VERSION, version_of
 from agentloop.serve.engine.client import EnginePool
-from agentloop.serve.engine.router import ServedVersions
-from agentloop.serve.errors import EngineUnavailable, InvalidRequest, NotFound
+from agentloop.serve.engine.router import ServedState, ServedVersions
+from agentloop.serve.errors import EngineUnavailable, InvalidRequest, NotFound, RegistryUnavailable
 
 log = logging.getLogger("agentloop.adapters")
 
@@ -45,24 +46,61 @@ class AdapterManager:
     this one's place behind the same methods; `router` is a `ServedVersions`.
     """
 
-    def __init__(self, router: ServedVersions, pool: EnginePool | None, *, max_rank: int):
+    def __init__(self, router: ServedVersions, pool: EnginePool | None, *, max_rank: int,
+                 registry_url: str | None = None):
         self.router = router
         self.pool = pool
         self.max_rank = max_rank
+        self.registry_url = registry_url
         self.registry: AdapterRegistry | None = None
+        self.mirror: RegistryMirror | None = None  # the deployment's registry at registry_url
         self.base_model: str | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
+        self.follow_error: str | None = None  # why the shared served state is not applied here yet
+        self._follower: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def bound(self) -> bool:
         return self.registry is not None
 
     def bind(self, root: Path | str, base_model: str | None) -> None:
-        """Serve from the registry of `base_model`'s adapters at `root` (v0000 already written)."""
+        """Serve from the registry of `base_model`'s adapters at `root` (v0000 already written),
+        and, when the served state is shared, follow it from now on (`follow`)."""
         self.registry = AdapterRegistry(root, max_rank=self.max_rank)
+        if self.registry_url is not None:
+            self.mirror = RegistryMirror(self.registry_url, self.registry)
         self.base_model = base_model
         self.restore()
+        if self.router.shared and self._loop is not None:
+            # bind may run outside the loop (an embedder's thread): start following on it.
+            self._loop.call_soon_threadsafe(self._start_following)
+
+    async def start(self) -> None:
+        """Remember the gateway's event loop: following starts on it once bound."""
+        self._loop = asyncio.get_running_loop()
+
+    def _start_following(self) -> None:
+        if self._follower is None:
+            self._follower = asyncio.create_task(self.follow(), name="served-follow")
+
+    async def aclose(self) -> None:
+        """Stop following the shared state (the gateway is stopping)."""
+        for t in [self._follower, *self._retiring]:
+            if t is not None:
+                t.cancel()
+        self._follower = None
+
+    @property
+    def state_applied(self) -> bool:
+        """False only while a gateway that follows the shared state has not applied it yet."""
+        return not (self.router.shared and self._loop and self.bound) or self.router.generation > 0
+
+    def served_health(self) -> dict:
+        """The served state as /health shows it: which generation is applied here, and why not a newer one."""
+        return {"shared": self.router.shared, "generation": self.router.generation,
+                "error": self.follow_error or getattr(self.router, "error", None)}
 
     def _registry(self) -> AdapterRegistry:
         if self.registry is None:
@@ -146,8 +184,32 @@ class AdapterManager:
         except RegistryError as e:
             raise InvalidRequest(str(e), param="version", code="adapter_invalid")
 
+    async def _mirrored(self, what, version: str):
+        """Run a registry-URL transfer (`fetch` or `publish`) in a thread, its errors made ours."""
+        try:
+            return await asyncio.to_thread(what, version)
+        except VersionNotFound:
+            raise NotFound(f"No adapter version {version!r}.", param="version", code="version_not_found")
+        except AdapterInvalid as e:
+            raise InvalidRequest(f"Adapter {version} was refused: {e}", param="version", code="adapter_invalid")
+        except (RegistryError, ValueError) as e:
+            raise InvalidRequest(str(e), param="version", code="adapter_invalid")
+        except OSError as e:  # the filesystem behind the URL: unreachable, refused, ...
+            log.error("registry %s: %s: %s", self.mirror.url, type(e).__name__, e)
+            raise RegistryUnavailable() from e
+
+    async def sync_registry(self) -> list[str]:
+        """Fetch every version the deployment's registry has and this gateway lacks (before training,
+        so a new version is numbered after all of them); returns those fetched."""
+        if self.mirror is None:
+            return []
+        return await asyncio.to_thread(self.mirror.pull)
+
     async def _load(self, version: str):
-        """Verify and load `version` into every ready engine; register it with the router."""
+        """Verify and load `version` into every ready engine; register it with the router.
+        A version this gateway lacks is fetched from the registry URL first (hashes checked)."""
+        if self.mirror is not None:
+            await self._mirrored(self.mirror.fetch, version)
         m = self._manifest(version)
         if m.base_model and self.base_model and str(m.base_model) != str(self.base_model):
             raise InvalidRequest(f"Adapter {version} was trained for {m.base_model}, not {self.base_model}.",
@@ -173,7 +235,10 @@ class AdapterManager:
         """Load `version` beside the served ones without routing the alias to it (the loop's
         gate talks to it by its served name, which this returns)."""
         async with self._lock:
-            _, v = await self._load(version)
+            m, v = await self._held_load(version)
+            # The trainer publishes what it made at once, served or not: its number is then
+            # taken at the registry URL, and no other gateway's next version can reuse it.
+            await self._upload(m.version, v.name)
             return v.name
 
     async def drop_candidate(self, name: str) -> None:
@@ -182,20 +247,70 @@ class AdapterManager:
             if name in self._kept():
                 return
             self.router.remove(name)
-            await self._unload_quietly(name)
+            await self.router.unload_unheld(name, lambda: self._unload_quietly(name))
 
     def _kept(self) -> tuple:
         return (self.router.live, self.router.canary and self.router.canary[0], self.router.name_of(BASE_VERSION))
 
+    async def _held_load(self, version: str):
+        """`_load`, with the version held first, so no other gateway unloads it from a shared
+        engine between our load and our first request on it."""
+        await self.router.hold((self.router.name_of(version),))
+        return await self._load(version)
+
+    def _wanted(self, **change) -> ServedState:
+        """The current state with `change` applied (versions, not served names)."""
+        r = self.router
+        canary, share = (version_of(r.canary[0]), r.canary[1]) if r.canary else (None, 0.0)
+        cur = dict(live=version_of(r.live) if r.live else BASE_VERSION, canary=canary, share=share, reason="")
+        cur.update(change)
+        if cur["canary"] == cur["live"] or not cur["share"]:
+            cur["canary"], cur["share"] = None, 0.0
+        return ServedState(**cur)
+
+    async def _publish(self, state: ServedState, loaded: str) -> ServedState:
+        """Record `state` for every gateway; if that fails, unload what was loaded for it."""
+        try:
+            return await self.router.publish(state)
+        except BaseException:
+            await self._undo_load(loaded)
+            raise
+
+    async def _upload(self, version: str, loaded: str) -> None:
+        """Put `version` at the registry URL before any gateway is told to serve it."""
+        if self.mirror is None:
+            return
+        try:
+            await self._mirrored(self.mirror.publish, version)
+        except BaseException:
+            await self._undo_load(loaded)
+            raise
+
+    async def _undo_load(self, loaded: str) -> None:
+        if loaded not in self._kept() and loaded in self.router.versions:
+            self.router.remove(loaded)
+            await self.router.unload_unheld(loaded, lambda: self._unload_quietly(loaded))
+
     async def promote(self, version: str, reason: str = "promoted") -> dict:
         async with self._lock:
-            m, v = await self._load(version)
-            old = self.router.set_live(v.name)
+            m, v = await self._held_load(version)
+            await self._upload(m.version, v.name)
+            state = await self._publish(self._wanted(live=m.version, reason=reason), v.name)
+            old = self._flip(v.name, state)
             self.registry.set_status(m.version, "live", reason)
-            log.info("alias %s now serves %s (was %s)", self.router.alias, v.name, old)
-            if old and old != v.name:
+            return {"version": m.version, "previous": old and version_of(old), "status": "live",
+                    "generation": state.generation}
+
+    def _flip(self, name: str, state: ServedState) -> str | None:
+        """Route the alias to `name` (loaded) in one step; retire what it replaced once drained."""
+        old = self.router.set_live(name)
+        self.router.generation = max(self.router.generation, state.generation)
+        if old != name:
+            log.info("alias %s now serves %s (was %s; generation %d)", self.router.alias, name, old,
+                     state.generation)
+            if old:
                 self._retire_later(old)
-            return {"version": m.version, "previous": old and version_of(old), "status": "live"}
+        return old
 
     async def rollback(self, version: str) -> dict:
         return await self.promote(version, reason="rollback")
@@ -204,18 +319,76 @@ class AdapterManager:
         if not 0.0 <= share <= 1.0:
             raise InvalidRequest("'share' must be between 0 and 1.", param="share")
         async with self._lock:
-            old = self.router.canary[0] if self.router.canary else None
             if version is None or share == 0:
-                self.router.set_canary(None)
+                state = await self.router.publish(self._wanted(canary=None, share=0.0, reason="canary ended"))
+                self._set_canary(None, 0.0, state)
             else:
-                m, v = await self._load(version)
+                m, v = await self._held_load(version)
                 if v.name == self.router.live:
                     raise InvalidRequest(f"{version} is already live.", param="version")
-                self.router.set_canary(v.name, share)
-            if old and (not self.router.canary or self.router.canary[0] != old):
-                self._retire_later(old)
+                await self._upload(m.version, v.name)
+                state = await self._publish(self._wanted(canary=m.version, share=share, reason="canary"), v.name)
+                self._set_canary(v.name, share, state)
             c = self.router.canary
             return {"version": version_of(c[0]) if c else None, "share": c[1] if c else 0.0}
+
+    def _set_canary(self, name: str | None, share: float, state: ServedState) -> None:
+        old = self.router.canary[0] if self.router.canary else None
+        self.router.set_canary(name, share)
+        self.router.generation = max(self.router.generation, state.generation)
+        if old and old != name:
+            self._retire_later(old)
+
+    # ------------------------------------------------------------ following the shared state
+
+    async def follow(self) -> None:
+        """Apply every change of the shared served state (made by any gateway) here, forever.
+
+        First the deployment's state (seeded with this gateway's registry's live version
+        when there is none yet), then each newer one. A state that cannot be applied yet
+        (an engine down, a version that does not verify here) is tried again after a
+        pause, while the last applied state keeps serving."""
+        if not self.router.shared:
+            return  # not shared: this process's own changes are all there is
+        pending: ServedState | None = None
+        watch = None
+        while True:
+            try:
+                if watch is None:
+                    pending = await self.router.seed(version_of(self.router.live) if self.router.live
+                                                     else BASE_VERSION)
+                    watch = self.router.watch()
+                if pending is None:
+                    pending = await anext(watch)
+                await self.apply(pending)
+                self.follow_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                what = f"generation {pending.generation}" if pending else "the served state"
+                self.follow_error = f"{what} not applied: {type(e).__name__}: {e}"
+                log.error("%s", self.follow_error)
+                await asyncio.sleep(1.0)
+                watch = None  # start over: the deployment's state, then what changes after it
+            pending = None
+
+    async def apply(self, state: ServedState) -> None:
+        """Make this gateway serve `state` (loading what it lacks), unless it already applied it."""
+        async with self._lock:
+            r = self.router
+            if state.generation <= r.generation:
+                return
+            live = r.name_of(state.live)
+            if live != r.live or live not in r.versions:
+                _, v = await self._held_load(state.live)
+                self._flip(v.name, state)
+            canary = r.name_of(state.canary) if state.canary and state.share > 0 else None
+            if canary is not None and canary not in r.versions:
+                await self._held_load(state.canary)
+            if (r.canary or (None, 0.0)) != (canary, state.share if canary else 0.0):
+                self._set_canary(canary, state.share, state)
+            r.generation = state.generation
+            await r.hold()
 
     def _retire_later(self, name: str) -> None:
         task = asyncio.create_task(self._retire(name))
@@ -223,14 +396,20 @@ class AdapterManager:
         task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, name: str) -> None:
-        """Unload a replaced version once the requests that started on it are done."""
+        """Unload a replaced version once the requests that started on it are done (here, and,
+        on a shared engine, on every other gateway that still routes to it)."""
         await self.router.wait_drained(name)
         async with self._lock:
             if name in self._kept():
                 return  # it came back (rollback) while draining
+            on_base = name in self.router.base_names()
             self.router.remove(name)
-            await self._unload_quietly(name)
-            log.info("unloaded %s", name)
+            if on_base:
+                return  # the engines' own weights: nothing to unload
+            if await self.router.unload_unheld(name, lambda: self._unload_quietly(name)):
+                log.info("unloaded %s", name)
+            else:
+                log.info("no longer routing to %s (another gateway still does: left loaded)", name)
 
     async def _unload_quietly(self, name: str) -> None:
         try:

@@ -129,6 +129,8 @@ class LoopRunner:
         if method is not None:
             params["method"] = method
         cfg = self.config(params)
+        # Every version the deployment has, here too: the next one is numbered after them all.
+        await self.adapters.sync_registry()
         try:
             run = await asyncio.to_thread(self.store.create_run, method=cfg.method, trigger=trigger,
                                           promote=promote, params=params)

@@ -10,7 +10,8 @@ What it owns
   ``_migrations``. Never edit a released migration: append a new one.
 - The write path, ``LogWriter``, is serve/store/logwriter.py.
 - Feedback SQL (table ``feedback``, migration m002) is in serve/store/feedback.py,
-  a mixin ``Store`` inherits: same layer, split only for file size.
+  a mixin ``Store`` inherits: same layer, split only for file size. Runs (m003),
+  keys (m004) and the served state of every gateway (m005) likewise.
 
 Invariants
 - A row acknowledged by ``LogWriter.flush()`` returning True (or written by
@@ -56,6 +57,7 @@ from agentloop.serve.errors import StoreUnavailable
 from agentloop.serve.store.feedback import FeedbackStore, m002_feedback
 from agentloop.serve.store.runs import RunStore, m003_runs
 from agentloop.serve.store.keys import KeyStore, m004_api_keys
+from agentloop.serve.store.served import ServedStore, m005_served
 from agentloop.serve.store.stats import StatsStore
 
 logger = logging.getLogger("agentloop.store")
@@ -123,6 +125,7 @@ def m001_completions(conn: Connection) -> None:
 migration(m002_feedback)  # defined with the rest of the feedback SQL
 migration(m003_runs)  # training runs and their metrics (serve/store/runs.py)
 migration(m004_api_keys)  # user API keys, hashed (serve/store/keys.py)
+migration(m005_served)  # what every gateway serves, and which versions each holds (serve/store/served.py)
 
 
 # ---------------------------------------------------------------- store
@@ -176,7 +179,7 @@ def _decode(mapping: Any) -> dict[str, Any]:
     return row
 
 
-class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
+class Store(FeedbackStore, RunStore, StatsStore, KeyStore, ServedStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
     def __init__(self, url: str, *, connect_timeout: int = 5, pool_size: int = 5, pool_timeout: float = 10.0):
@@ -184,6 +187,7 @@ class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
         `pool_size` connections kept per process (as many again may open under load) and
         `pool_timeout` seconds a call waits for a free one: a server-backed database only."""
         self.url = url
+        self._connect_timeout = max(1, int(connect_timeout))
         u = make_url(url)
         self.dialect = u.get_backend_name()
         self._is_sqlite = self.dialect == "sqlite"
@@ -219,6 +223,7 @@ class Store(FeedbackStore, RunStore, StatsStore, KeyStore):
         return cls(url)
 
     def close(self) -> None:
+        self.close_listener()
         self.engine.dispose()
 
     def __enter__(self) -> "Store":

@@ -1,0 +1,121 @@
+"""The deployment's registry at a URL, mirrored into each process's local registry.
+
+A deployment keeps its adapter versions at one `registry_url` (any fsspec filesystem:
+`file:///dir`, `s3://bucket/prefix` with s3fs installed, `memory://` in tests); each
+gateway and trainer keeps a local `AdapterRegistry` next to its engines (under its home)
+and this module moves versions between the two:
+
+- `publish(version)`: the trainer's (or promoting gateway's) local version goes up, its
+  files first and `manifest.json` last, so a version at the URL is complete once its
+  manifest is there. Publishing again is a no-op; a different adapter under the same
+  number is refused (RegistryError).
+- `fetch(version)`: a version this process lacks comes down into a temp folder of the local
+  registry, its files are checked against the manifest's hashes, and only then is it renamed
+  into place (so a torn or altered download never becomes a version); it is verified again
+  by the caller before any engine loads it.
+- `pull()`: every version at the URL that is missing here, so that a trainer numbers its next
+  version after all of them (one training run at a time across the deployment: the store).
+
+Nothing assumes a shared disk: the engines only ever read the local copy. Pure Python (fsspec);
+no torch, no HTTP of ours. Blocking: callers on an event loop use a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from agentloop.rl.registry import (
+    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MANIFEST, AdapterInvalid, AdapterRegistry, Manifest,
+    RegistryError, VersionNotFound, sha256_file,
+)
+from agentloop.rl.versions import BASE_VERSION, is_version, parse_version
+
+
+class RegistryMirror:
+    """One base model's versions at `url` (`<url>/<local root's folder name>/vNNNN/`), and the local copy."""
+
+    def __init__(self, url: str, local: AdapterRegistry, *, storage_options: dict | None = None):
+        import fsspec
+
+        self.local = local
+        base = url.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(base, **(storage_options or {}))
+        self.root = f"{root.rstrip('/')}/{local.root.name}"
+        self.url = f"{base}/{local.root.name}"
+
+    def _dir(self, version: str) -> str:
+        return f"{self.root}/{parse_version(version)}"
+
+    def remote_versions(self) -> list[str]:
+        """Versions complete at the URL (their manifest is there), oldest first."""
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_version(n) and self.fs.exists(f"{self.root}/{n}/{MANIFEST}"))
+
+    def _remote_manifest(self, version: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self._dir(version)}/{MANIFEST}"))
+        except FileNotFoundError:
+            return None
+
+    def publish(self, version: str) -> None:
+        """Put the local `version` at the URL (verified first); no-op if it is already there."""
+        m = self.local.verify(version)
+        if m.version == BASE_VERSION:
+            return  # every process writes the same zero adapter itself
+        there = self._remote_manifest(m.version)
+        if there is not None:
+            if (there.get("weights_sha256"), there.get("config_sha256")) != (m.weights_sha256, m.config_sha256):
+                raise RegistryError(f"{self.url}/{m.version} holds a different adapter than the local {m.version}")
+            return
+        dst = self._dir(m.version)
+        self.fs.makedirs(dst, exist_ok=True)
+        for name in ADAPTER_FILES:
+            self.fs.put_file(str(m.path / name), f"{dst}/{name}")
+        self.fs.pipe_file(f"{dst}/{MANIFEST}", json.dumps(m.to_dict(), indent=2).encode())  # last: complete
+
+    def fetch(self, version: str) -> Manifest:
+        """The local copy of `version`, downloaded first if this process lacks it (hashes checked)."""
+        name = parse_version(version)
+        try:
+            return self.local.get(name)
+        except VersionNotFound:
+            pass
+        data = self._remote_manifest(name)
+        if data is None:
+            raise VersionNotFound(name)
+        tmp = self.local.make_temp_dir("fetch")
+        try:
+            for f in ADAPTER_FILES:
+                self.fs.get_file(f"{self._dir(name)}/{f}", str(tmp / f))
+            for f, recorded in ((ADAPTER_WEIGHTS, data.get("weights_sha256")),
+                                (ADAPTER_CONFIG, data.get("config_sha256"))):
+                actual = sha256_file(tmp / f)
+                if recorded is None or actual != recorded:
+                    raise AdapterInvalid(f"{self.url}/{name}/{f}", f"sha256 {actual} != manifest's {recorded}")
+            (tmp / MANIFEST).write_text(json.dumps(data, indent=2))
+            os.chmod(tmp, 0o755)  # engines may run as another user
+            try:
+                os.rename(tmp, self.local.path(name))
+            except OSError:
+                if not (self.local.path(name) / MANIFEST).exists():
+                    raise
+                # Fetched meanwhile by another thread or process of this host: theirs stands.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.local.get(name)
+
+    def pull(self) -> list[str]:
+        """Fetch every version at the URL missing here; returns those fetched."""
+        have = {m.version for m in self.local.list()}
+        out = []
+        for v in self.remote_versions():
+            if v not in have and v != BASE_VERSION:
+                self.fetch(v)
+                out.append(v)
+        return out
