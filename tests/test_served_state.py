@@ -104,6 +104,32 @@ def test_only_the_last_gateway_to_let_go_of_a_version_unloads_it(db_url):
         s.close()
 
 
+def test_an_unload_in_progress_holds_back_new_holds_but_not_a_promotion(db_url):
+    s, other = Store(db_url), Store(db_url)  # two gateways' stores
+    try:
+        s.init_served("agentloop", "v0001", by="a")
+        s.hold_served("agentloop", "A", {"agentloop@v0001"})
+        unloading, done = threading.Event(), {}
+
+        def unload():  # the engine takes its time
+            unloading.set()
+            time.sleep(1.0)
+            done["unloaded"] = time.monotonic()
+
+        th = threading.Thread(target=lambda: s.release_hold("agentloop", "A", "agentloop@v0001", ttl=30, then=unload))
+        th.start()
+        assert unloading.wait(10)
+        t0 = time.monotonic()
+        other.set_served("agentloop", live="v0002", canary=None, share=0.0, by="b", reason="promoted")
+        assert time.monotonic() - t0 < 0.5  # a promotion does not wait for the engine
+        other.hold_served("agentloop", "B", {"agentloop@v0001"})  # waits for the unload to finish
+        assert time.monotonic() >= done["unloaded"]
+        th.join(10)
+        assert {(h["gateway"], h["name"]) for h in s.holds("agentloop")} == {("B", "agentloop@v0001")}
+    finally:
+        s.close(), other.close()
+
+
 # ---------------------------------------------------------------- two gateways, one engine
 
 class SharedEngine(Engine):

@@ -17,18 +17,24 @@ Invariants
   transaction, so it is delivered only once the row is committed.
 - ``init_served`` never overwrites: the first gateway of a deployment seeds the row
   from its registry, every later one reads what is there.
-- ``release_hold`` serialises on the state row (SQLite: BEGIN IMMEDIATE; PostgreSQL:
-  SELECT ... FOR UPDATE), so of several gateways letting go of one version at once
-  exactly the last one learns that nobody else holds it, and only it unloads it.
+- Hold changes of an alias are serialised across processes (PostgreSQL: an advisory lock
+  in the transaction; SQLite: a file lock beside the database), and a release runs its
+  unload inside that lock: of several gateways letting go of one version at once exactly
+  the last one learns that nobody else holds it, and only it unloads it, while a gateway
+  taking a hold meanwhile waits and then loads the version again. Neither the state row
+  nor SQLite's write lock is held during an unload, so promotions and the log never wait
+  for an engine.
 
 Never imports fastapi, torch or vllm.
 """
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import Column, Connection, Float, Integer, MetaData, Table, Text, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -199,11 +205,43 @@ class ServedStore:
 
     # ------------------------------------------------------------ holds
 
+    @contextmanager
+    def _holds_lock(self, alias: str) -> Iterator[Connection | None]:
+        """Serialise hold changes of `alias` across processes without holding the database's
+        write lock (SQLite) or the state row (PostgreSQL) while a release unloads: so a
+        promotion, and the request log, never wait for an engine. PostgreSQL: a transaction
+        holding an advisory lock (yielded: run the statements on it); SQLite: a file lock beside
+        the database (yields None: the statements take their own short transactions)."""
+        if not self._is_sqlite:
+            with self._conn(write=True) as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"agentloop_holds:{alias}"})
+                yield conn
+            return
+        database = make_url(self.url).database
+        if not database or database == ":memory:":
+            with self._listener_lock:  # one process: a lock of this process is enough
+                yield None
+            return
+        with open(f"{database}.holds.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield None
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _on(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self._conn(write=True) as c:
+                yield c
+
     def hold_served(self, alias: str, gateway: str, names: set[str] | frozenset[str]) -> None:
-        """Record that `gateway` routes to exactly `names` now (a heartbeat too)."""
+        """Record that `gateway` routes to exactly `names` now (a heartbeat too). Waits for a
+        release that is unloading, so a version held from now on is not unloaded under it."""
         now = time.time()
-        with self._conn(write=True) as conn:
-            self._lock_state(conn, alias)  # after a release that is unloading, never beside it
+        with self._holds_lock(alias) as locked, self._on(locked) as conn:
             conn.execute(delete(HOLDS).where(HOLDS.c.alias == alias, HOLDS.c.gateway == gateway))
             if names:
                 conn.execute(insert(HOLDS), [{"alias": alias, "gateway": gateway, "name": n, "at": now}
@@ -212,15 +250,15 @@ class ServedStore:
     def release_hold(self, alias: str, gateway: str, name: str, *, ttl: float,
                      then: Callable[[], None] | None = None) -> bool:
         """`gateway` no longer routes to `name`: drop its hold. When no other gateway (one heard
-        from within `ttl` seconds) holds it, run `then` (the unload) before the transaction ends
-        and return True. A gateway that starts holding `name` meanwhile waits for the state row,
+        from within `ttl` seconds) holds it, run `then` (the unload) before the holds lock is let
+        go, and return True. A gateway that starts holding `name` meanwhile waits for the lock,
         so it sees the version unloaded and loads it again; none routes to it while it goes."""
-        with self._conn(write=True) as conn:
-            self._lock_state(conn, alias)  # serialises releases: the last one out sees no other hold
-            conn.execute(delete(HOLDS).where(HOLDS.c.alias == alias, HOLDS.c.gateway == gateway,
-                                             HOLDS.c.name == name))
-            other = conn.execute(select(HOLDS.c.gateway).where(
-                HOLDS.c.alias == alias, HOLDS.c.name == name, HOLDS.c.at > time.time() - ttl).limit(1)).first()
+        with self._holds_lock(alias) as locked:
+            with self._on(locked) as conn:
+                conn.execute(delete(HOLDS).where(HOLDS.c.alias == alias, HOLDS.c.gateway == gateway,
+                                                 HOLDS.c.name == name))
+                other = conn.execute(select(HOLDS.c.gateway).where(
+                    HOLDS.c.alias == alias, HOLDS.c.name == name, HOLDS.c.at > time.time() - ttl).limit(1)).first()
             if other is None and then is not None:
                 then()
         return other is None
