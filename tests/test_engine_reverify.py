@@ -44,14 +44,16 @@ class RestartedEngine(HttpEngine):
         self._synced.add(name)
 
 
-def setup(tmp_path: Path, base_on_weights: bool = True):
+def registry_with_versions(tmp_path: Path, root: str = "adapters", n: int = 2):
+    """A small fake base model and a registry at `tmp_path/root`: the zero adapter and `n`
+    trained-looking versions (random B). Returns (base folder, registry, their manifests)."""
     base = tmp_path / "base-model"
     base.mkdir()
     (base / "config.json").write_text(json.dumps(BASE_CONFIG))
-    reg = AdapterRegistry(tmp_path / "adapters")
+    reg = AdapterRegistry(tmp_path / root)
     write_zero_adapter(base, reg.root / "v0000")
     versions = []
-    for seed in (1, 2):
+    for seed in range(1, n + 1):
         src = tmp_path / f"src{seed}"
         write_zero_adapter(base, src, seed=seed)
         w = load_file(str(src / "adapter_model.safetensors"))
@@ -59,6 +61,11 @@ def setup(tmp_path: Path, base_on_weights: bool = True):
         save_file({k: (rng.normal(size=v.shape).astype(np.float32) * 0.01 if "lora_B" in k else v)
                    for k, v in w.items()}, str(src / "adapter_model.safetensors"))
         versions.append(reg.commit(src, parent="v0000", base_model=str(base), method="dpo"))
+    return base, reg, versions
+
+
+def setup(tmp_path: Path, base_on_weights: bool = True):
+    base, reg, versions = registry_with_versions(tmp_path)
     router = ModelRouter("agentloop", base_on_weights=base_on_weights)
     manager = AdapterManager(router, None, max_rank=64)
     live, canary = versions

@@ -83,3 +83,17 @@ def test_the_setting_takes_fsspec_urls_only():
     assert Settings(registry_url="/srv/registry").registry_url == "/srv/registry"
     with pytest.raises(ValueError, match="registry_url"):
         Settings(registry_url="nosuchfs://bucket/x")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--registry-url", "nosuchfs://bucket/x"], "registry_url"),
+    (["--engine-dtype", "fp8"], "engine_dtype"),
+])
+def test_serve_refuses_a_bad_setting_in_one_line(tmp_path, monkeypatch, capsys, flags, needle):
+    from agentloop.serve.cli.main import main
+
+    monkeypatch.setenv("AGENTLOOP_HOME", str(tmp_path))
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"agentloop: {needle}:") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "agentloop.db").exists()  # nothing was started

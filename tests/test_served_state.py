@@ -13,13 +13,9 @@ the real engine is tests/test_scale_out.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from pathlib import Path
-
-import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from agentloop.rl.registry import AdapterRegistry
 from agentloop.serve.engine.adapters import AdapterManager
@@ -27,7 +23,7 @@ from agentloop.serve.engine.client import Engine, EnginePool
 from agentloop.serve.engine.router import StoreServedVersions
 from agentloop.serve.store.db import Store
 from agentloop.rl.zero_adapter import write_zero_adapter
-from tests.test_engine_reverify import BASE_CONFIG  # a small fake base model's config
+from tests.test_engine_reverify import registry_with_versions as reverify_registry
 
 
 # ---------------------------------------------------------------- store level
@@ -160,21 +156,9 @@ class SharedEngine(Engine):
 
 
 def registry_with_versions(tmp_path: Path, n: int = 2) -> tuple[Path, Path, list[str]]:
-    base = tmp_path / "base-model"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps(BASE_CONFIG))
-    reg = AdapterRegistry(tmp_path / "registry")
-    write_zero_adapter(base, reg.root / "v0000")
-    out = []
-    for seed in range(1, n + 1):
-        src = tmp_path / f"src{seed}"
-        write_zero_adapter(base, src, seed=seed)
-        w = load_file(str(src / "adapter_model.safetensors"))
-        rng = np.random.default_rng(seed)
-        save_file({k: (rng.normal(size=v.shape).astype(np.float32) * 0.01 if "lora_B" in k else v)
-                   for k, v in w.items()}, str(src / "adapter_model.safetensors"))
-        out.append(reg.commit(src, parent="v0000", base_model=str(base), method="dpo").version)
-    return reg.root, base, out
+    """Gateway A's registry (`registry/`): the base and `n` trained versions; (root, base, versions)."""
+    base, reg, versions = reverify_registry(tmp_path, root="registry", n=n)
+    return reg.root, base, [m.version for m in versions]
 
 
 async def until(cond, timeout: float = 5.0) -> float:

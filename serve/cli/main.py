@@ -19,6 +19,8 @@ from agentloop.serve.errors import AgentloopError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from agentloop.serve.settings import Settings
 
     overrides = {k: v for k, v in {
@@ -34,7 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["engine_extra_args"] = args.engine_arg
     if args.open:
         overrides["open"] = True
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:  # a bad flag or AGENTLOOP_* value: one line each, no traceback
+        for err in e.errors():
+            print(f"agentloop: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
     settings.home.mkdir(parents=True, exist_ok=True)
     if (why := _access_refusal(settings)) is not None:
         print(f"agentloop: {why}", file=sys.stderr)
@@ -79,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-dtype", help="dtype of the supervised engine: auto (default: bf16 where the CPU "
                                           "has native bf16, else fp32), bfloat16 or float32.")
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
-    s.add_argument("--registry-url", help="Where adapter versions live, shared by the gateways of a deployment: a "
-                                          "folder or file:///dir (default AGENTLOOP_HOME/adapters).")
+    s.add_argument("--registry-url", help="Where the deployment's adapter versions live, shared by its gateways: "
+                                          "any fsspec URL (file:///dir, s3://bucket/prefix with s3fs, ...); "
+                                          "default none: this gateway's own (AGENTLOOP_HOME/adapters).")
     s.add_argument("--open", action="store_true", default=None,
                    help="Serve /v1 without API keys on a non-loopback address while no key exists "
                         "(AGENTLOOP_OPEN; local use only: anyone who can connect can use the model).")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from agentloop.rl.registry import AdapterInvalid, AdapterRegistry, RegistryError, VersionNotFound
 from agentloop.rl.registry_url import RegistryMirror
@@ -174,9 +176,11 @@ class AdapterManager:
         self.router.remove(name)
         return False
 
-    def _manifest(self, version: str):
+    @contextmanager
+    def _registry_errors(self, version: str) -> Iterator[None]:
+        """The registry's errors about `version` (local, or at the URL), as the edge answers them."""
         try:
-            return self._registry().verify(version)
+            yield
         except VersionNotFound:
             raise NotFound(f"No adapter version {version!r}.", param="version", code="version_not_found")
         except AdapterInvalid as e:
@@ -184,19 +188,20 @@ class AdapterManager:
         except RegistryError as e:
             raise InvalidRequest(str(e), param="version", code="adapter_invalid")
 
+    def _manifest(self, version: str):
+        with self._registry_errors(version):
+            return self._registry().verify(version)
+
     async def _mirrored(self, what, version: str):
         """Run a registry-URL transfer (`fetch` or `publish`) in a thread, its errors made ours."""
-        try:
-            return await asyncio.to_thread(what, version)
-        except VersionNotFound:
-            raise NotFound(f"No adapter version {version!r}.", param="version", code="version_not_found")
-        except AdapterInvalid as e:
-            raise InvalidRequest(f"Adapter {version} was refused: {e}", param="version", code="adapter_invalid")
-        except (RegistryError, ValueError) as e:
-            raise InvalidRequest(str(e), param="version", code="adapter_invalid")
-        except OSError as e:  # the filesystem behind the URL: unreachable, refused, ...
-            log.error("registry %s: %s: %s", self.mirror.url, type(e).__name__, e)
-            raise RegistryUnavailable() from e
+        with self._registry_errors(version):
+            try:
+                return await asyncio.to_thread(what, version)
+            except ValueError as e:  # a version name or manifest the URL's side does not accept
+                raise RegistryError(str(e)) from e
+            except OSError as e:  # the filesystem behind the URL: unreachable, refused, ...
+                log.error("registry %s: %s: %s", self.mirror.url, type(e).__name__, e)
+                raise RegistryUnavailable() from e
 
     async def sync_registry(self) -> list[str]:
         """Fetch every version the deployment's registry has and this gateway lacks (before training,
@@ -238,7 +243,11 @@ class AdapterManager:
             m, v = await self._held_load(version)
             # The trainer publishes what it made at once, served or not: its number is then
             # taken at the registry URL, and no other gateway's next version can reuse it.
-            await self._upload(m.version, v.name)
+            try:
+                await self._upload(m.version)
+            except BaseException:
+                await self._undo_load(v.name)
+                raise
             return v.name
 
     async def drop_candidate(self, name: str) -> None:
@@ -268,23 +277,20 @@ class AdapterManager:
             cur["canary"], cur["share"] = None, 0.0
         return ServedState(**cur)
 
-    async def _publish(self, state: ServedState, loaded: str) -> ServedState:
-        """Record `state` for every gateway; if that fails, unload what was loaded for it."""
+    async def _publish(self, state: ServedState, version: str, loaded: str) -> ServedState:
+        """Put `version` at the registry URL, then record `state` for every gateway; if either
+        fails, unload what was loaded for it (`loaded`, its served name) and nothing changed."""
         try:
+            await self._upload(version)
             return await self.router.publish(state)
         except BaseException:
             await self._undo_load(loaded)
             raise
 
-    async def _upload(self, version: str, loaded: str) -> None:
-        """Put `version` at the registry URL before any gateway is told to serve it."""
-        if self.mirror is None:
-            return
-        try:
+    async def _upload(self, version: str) -> None:
+        """Put `version` at the registry URL (if there is one) before any gateway is told to serve it."""
+        if self.mirror is not None:
             await self._mirrored(self.mirror.publish, version)
-        except BaseException:
-            await self._undo_load(loaded)
-            raise
 
     async def _undo_load(self, loaded: str) -> None:
         if loaded not in self._kept() and loaded in self.router.versions:
@@ -294,8 +300,7 @@ class AdapterManager:
     async def promote(self, version: str, reason: str = "promoted") -> dict:
         async with self._lock:
             m, v = await self._held_load(version)
-            await self._upload(m.version, v.name)
-            state = await self._publish(self._wanted(live=m.version, reason=reason), v.name)
+            state = await self._publish(self._wanted(live=m.version, reason=reason), m.version, v.name)
             old = self._flip(v.name, state)
             self.registry.set_status(m.version, "live", reason)
             return {"version": m.version, "previous": old and version_of(old), "status": "live",
@@ -326,8 +331,8 @@ class AdapterManager:
                 m, v = await self._held_load(version)
                 if v.name == self.router.live:
                     raise InvalidRequest(f"{version} is already live.", param="version")
-                await self._upload(m.version, v.name)
-                state = await self._publish(self._wanted(canary=m.version, share=share, reason="canary"), v.name)
+                state = await self._publish(self._wanted(canary=m.version, share=share, reason="canary"),
+                                            m.version, v.name)
                 self._set_canary(v.name, share, state)
             c = self.router.canary
             return {"version": version_of(c[0]) if c else None, "share": c[1] if c else 0.0}

@@ -318,7 +318,7 @@ class StoreServedVersions(ModelRouter):
 
     async def unload_unheld(self, name: str, unload: Callable[[], Awaitable[None]]) -> bool:
         """Release this gateway's hold of `name`; unload it if nobody else holds it. The unload
-        runs inside the releasing transaction, so a gateway that starts holding `name` meanwhile
+        runs inside the store's holds lock, so a gateway that starts holding `name` meanwhile
         waits for it, and then loads the version again."""
         loop = asyncio.get_running_loop()
 
