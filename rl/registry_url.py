@@ -16,15 +16,21 @@ and this module moves versions between the two:
 - `pull()`: every version at the URL that is missing here, so that a trainer numbers its next
   version after all of them (one training run at a time across the deployment: the store).
 
-Nothing assumes a shared disk: the engines only ever read the local copy. Pure Python (fsspec);
-no torch, no HTTP of ours. Blocking: callers on an event loop use a thread.
+An engine on another host than its gateway cannot read that gateway's copy: it is given the
+version's *source* instead (`source(version)`: `<url>/vNNNN#<weights sha256>`) and makes its own
+copy with `engine_copy` (inside vLLM: serve/inside_vllm/adapter_fetch.py), content-addressed in a
+cache folder of its host, its files checked against the manifest and the manifest against the
+hash the gateway asked for. Nothing assumes a shared disk. Pure Python (fsspec); no torch, no HTTP
+of ours. Blocking: callers on an event loop use a thread.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from agentloop.rl.registry import (
@@ -79,6 +85,12 @@ class RegistryMirror:
             self.fs.put_file(str(m.path / name), f"{dst}/{name}")
         self.fs.pipe_file(f"{dst}/{MANIFEST}", json.dumps(m.to_dict(), indent=2).encode())  # last: complete
 
+    def source(self, version: str, weights_sha256: str | None) -> str:
+        """Where an engine fetches `version` itself (`engine_copy`): its URL, and the weights'
+        hash the engine must find there (so it loads what this gateway verified, not a newer
+        upload under the same number)."""
+        return f"{self.url}/{parse_version(version)}" + (f"#{weights_sha256}" if weights_sha256 else "")
+
     def fetch(self, version: str) -> Manifest:
         """The local copy of `version`, downloaded first if this process lacks it (hashes checked)."""
         name = parse_version(version)
@@ -91,21 +103,8 @@ class RegistryMirror:
             raise VersionNotFound(name)
         tmp = self.local.make_temp_dir("fetch")
         try:
-            for f in ADAPTER_FILES:
-                self.fs.get_file(f"{self._dir(name)}/{f}", str(tmp / f))
-            for f, recorded in ((ADAPTER_WEIGHTS, data.get("weights_sha256")),
-                                (ADAPTER_CONFIG, data.get("config_sha256"))):
-                actual = sha256_file(tmp / f)
-                if recorded is None or actual != recorded:
-                    raise AdapterInvalid(f"{self.url}/{name}/{f}", f"sha256 {actual} != manifest's {recorded}")
-            (tmp / MANIFEST).write_text(json.dumps(data, indent=2))
-            os.chmod(tmp, 0o755)  # engines may run as another user
-            try:
-                os.rename(tmp, self.local.path(name))
-            except OSError:
-                if not (self.local.path(name) / MANIFEST).exists():
-                    raise
-                # Fetched meanwhile by another thread or process of this host: theirs stands.
+            _download(self.fs, self._dir(name), tmp, data, where=f"{self.url}/{name}")
+            _into_place(tmp, self.local.path(name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.local.get(name)
@@ -119,3 +118,72 @@ class RegistryMirror:
                 self.fetch(v)
                 out.append(v)
         return out
+
+
+def _check(folder: Path, data: dict, where: str) -> None:
+    """The adapter files in `folder` are the ones the manifest `data` names (sha256), or AdapterInvalid."""
+    for f, recorded in ((ADAPTER_WEIGHTS, data.get("weights_sha256")), (ADAPTER_CONFIG, data.get("config_sha256"))):
+        actual = sha256_file(folder / f) if (folder / f).is_file() else "missing"
+        if recorded is None or actual != recorded:
+            raise AdapterInvalid(f"{where}/{f}", f"sha256 {actual} != manifest's {recorded}")
+
+
+def _download(fs, src: str, tmp: Path, data: dict, *, where: str) -> None:
+    """The adapter files of the version folder `src` into `tmp`, checked against `data` (its
+    manifest), and the manifest written last."""
+    for f in ADAPTER_FILES:
+        fs.get_file(f"{src}/{f}", str(tmp / f))
+    _check(tmp, data, where)
+    (tmp / MANIFEST).write_text(json.dumps(data, indent=2))
+    os.chmod(tmp, 0o755)  # engines may run as another user
+
+
+def _into_place(tmp: Path, dst: Path) -> None:
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if not (dst / MANIFEST).exists():
+            raise
+        # Fetched meanwhile by another thread or process of this host: theirs stands.
+
+
+def engine_copy(source: str, cache: Path | str) -> Path:
+    """A local folder holding the adapter at `source` (`<fsspec url of a version>[#<weights sha256>]`,
+    as `RegistryMirror.source` makes it), for an engine to load.
+
+    The copy lives in `cache` under `<version>-<weights sha256[:16]>`: content-addressed, so two
+    deployments whose registries both have a `v0001` never share a folder, and a copy made
+    before is used again once its files still hash to its manifest's. The manifest at the URL
+    must carry the hash after `#` (when given); the files must match the manifest. Raises
+    VersionNotFound (nothing complete at the URL) or AdapterInvalid (a hash does not match).
+    """
+    import fsspec
+
+    url, _, expect = source.partition("#")
+    url = url.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(url)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rsplit("/", 1)[-1])[:40] or "adapter"
+    try:
+        data = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise VersionNotFound(url) from None
+    recorded = data.get("weights_sha256")
+    if not recorded or (expect and recorded != expect):
+        raise AdapterInvalid(url, f"the manifest's weights sha256 {recorded} is not the {expect} asked for")
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    dst = cache / f"{name}-{recorded[:16]}"
+    if (dst / MANIFEST).exists():
+        try:
+            _check(dst, data, str(dst))
+            return dst
+        except AdapterInvalid:
+            shutil.rmtree(dst, ignore_errors=True)  # damaged since: fetched again below
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache))
+    try:
+        _download(fs, path, tmp, data, where=url)
+        _into_place(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _check(dst, data, str(dst))
+    return dst

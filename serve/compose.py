@@ -73,7 +73,8 @@ class Gateway:
         # Tests and embedders may bring their own engines; then nothing is supervised (no Boot).
         self.pool = EnginePool(engines if engines is not None else http_engines(settings, self.router, reverify))
         self.adapters = AdapterManager(self.router, self.pool, max_rank=settings.max_lora_rank,
-                                       registry_url=settings.registry_url)
+                                       registry_url=settings.registry_url,
+                                       engines_fetch=bool(settings.engine_urls) and engines is None)
         self.boot: Boot | None = Boot(settings, self.pool, self.adapters) if engines is None else None
         self.store: Store | None = None
         self.writer: LogWriter | None = None

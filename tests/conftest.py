@@ -183,7 +183,9 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_model: Path, tmp_path_factory) -> Server:
     home = tmp_path_factory.mktemp("agentloop-home")
-    proc, url, engine_url = start_gateway(home, tiny_model)
+    # The engine's copies of adapters it fetched by URL (adapter_fetch): off the user's cache.
+    engine_cache = tmp_path_factory.mktemp("engine-adapters")
+    proc, url, engine_url = start_gateway(home, tiny_model, env={"AGENTLOOP_ENGINE_ADAPTER_DIR": str(engine_cache)})
     manifest = json.loads((tiny_model / "tiny_manifest.json").read_text())
     srv = Server(url=url, engine_url=engine_url, home=home, proc=proc, model_dir=tiny_model, manifest=manifest)
     yield srv

@@ -97,3 +97,52 @@ def test_serve_refuses_a_bad_setting_in_one_line(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert err.startswith(f"agentloop: {needle}:") and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "agentloop.db").exists()  # nothing was started
+
+
+def test_an_engine_makes_its_own_copy_from_a_versions_source(tmp_path, url):
+    """An engine on another host (engine_copy, run by serve/inside_vllm/adapter_fetch.py): a
+    content-addressed copy of the version the source names, checked like a gateway's fetch."""
+    from agentloop.rl.registry_url import engine_copy
+
+    root, base, (v1, v2) = registry_with_versions(tmp_path)
+    reg = AdapterRegistry(root)
+    up = RegistryMirror(url, reg)
+    cache = tmp_path / "engine-cache"
+    with pytest.raises(VersionNotFound):
+        engine_copy(up.source(v1, reg.get(v1).weights_sha256), cache)
+    up.publish(v1)
+    up.publish(v2)
+    w1 = reg.get(v1).weights_sha256
+    src = up.source(v1, w1)
+    assert src == f"{up.url}/{v1}#{w1}"
+    got = engine_copy(src, cache)
+    assert got.parent == cache and got.name == f"{v1}-{w1[:16]}"
+    assert (got / "adapter_model.safetensors").read_bytes() == (reg.path(v1) / "adapter_model.safetensors").read_bytes()
+    # Asked again: the same folder, not downloaded again (its files still match).
+    stamp = (got / "adapter_model.safetensors").stat().st_mtime_ns
+    assert engine_copy(src, cache) == got and (got / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    # Without a hash asked for, the manifest's names the folder.
+    assert engine_copy(f"{up.url}/{v1}", cache) == got
+    # A copy damaged since is fetched again.
+    (got / "adapter_model.safetensors").write_bytes(b"damaged")
+    assert engine_copy(src, cache) == got
+    assert (got / "adapter_model.safetensors").read_bytes() == (reg.path(v1) / "adapter_model.safetensors").read_bytes()
+    # The URL holds another adapter than the one the gateway verified: refused, nothing copied.
+    with pytest.raises(AdapterInvalid, match="asked for"):
+        engine_copy(up.source(v2, w1), cache)
+    assert sorted(p.name for p in cache.iterdir()) == [got.name]
+
+
+def test_an_engine_refuses_an_altered_upload(tmp_path):
+    from agentloop.rl.registry_url import engine_copy
+
+    root, base, (v1, _) = registry_with_versions(tmp_path)
+    reg = AdapterRegistry(root)
+    up = RegistryMirror((tmp_path / "deployment").as_uri(), reg)
+    up.publish(v1)
+    remote = tmp_path / "deployment" / root.name / v1
+    (remote / "adapter_model.safetensors").write_bytes(b"not the adapter")
+    cache = tmp_path / "engine-cache"
+    with pytest.raises(AdapterInvalid, match="sha256"):
+        engine_copy(up.source(v1, reg.get(v1).weights_sha256), cache)
+    assert list(cache.iterdir()) == []  # no folder, no temp left

@@ -3,7 +3,7 @@
 Gateways A and B each have their own home; they share only the database (a real PostgreSQL
 server), the registry URL (`AGENTLOOP_REGISTRY_URL`, a file:// folder here: A publishes there,
 B fetches its own copy) and the session's vLLM engine, which both attach to (neither
-supervises it). Under traffic through both, a promotion through A reaches
+supervises it; given the versions' URLs, it fetches its own copies too). Under traffic through both, a promotion through A reaches
 B within the bound, a canary set through A holds on B, a rollback through B reaches A; no
 request fails, every logged row names the version its response came from, and the versions
 both let go of are unloaded from the shared engine. They serve the alias `scaleout`, so their
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -144,6 +145,11 @@ def test_two_gateways_serve_one_live_version(server, pg_url, tmp_path):
         (b_root,) = {p.parent for p in (tmp_path / "b").glob("adapters/*/v0000")}
         assert {m.version for m in AdapterRegistry(b_root).list()} == {"v0000", v1, v2}
         assert {p.name for p in (registry / root.name).iterdir()} == {v1, v2}
+        # And so does the engine (attached, so maybe on another host): it loaded the versions from
+        # the registry URL into its own cache (serve/inside_vllm/adapter_fetch.py), not from a home.
+        roots = {m["id"]: Path(m["root"]) for m in httpx.get(f"{server.engine_url}/v1/models").json()["data"]}
+        assert roots[f"{ALIAS}@{v1}"].name == f"{v1}-{reg.get(v1).weights_sha256[:16]}", roots
+        assert tmp_path not in roots[f"{ALIAS}@{v1}"].parents
 
         # A rollback through B reaches A.
         admin(b, "/admin/rollback", version="v0000")

@@ -126,6 +126,41 @@ def test_an_unload_in_progress_holds_back_new_holds_but_not_a_promotion(db_url):
         s.close(), other.close()
 
 
+def test_a_heartbeat_never_writes_back_a_version_let_go_of_meanwhile(db_url):
+    """A gateway's heartbeat reads its served set, then writes it in a thread; if the version it
+    read is retired and released in between, the late write would hold it again, so neither
+    gateway would ever unload it. Holds and releases of one gateway take turns."""
+    store = Store(db_url)
+    try:
+        r = StoreServedVersions("agentloop", store)
+        store.init_served("agentloop", "v0001", by="a")
+        r.add_version("v0000", "/adapters/v0000", live=True)
+        r.add_version("v0001", "/adapters/v0001")
+        real = store.hold_served
+
+        def slow_hold(*a, **k):  # the database is slow to take the heartbeat
+            time.sleep(0.3)
+            real(*a, **k)
+
+        store.hold_served = slow_hold
+        unloaded = []
+
+        async def unload():
+            unloaded.append("agentloop@v0001")
+
+        async def main():
+            beat = asyncio.create_task(r.hold())
+            await asyncio.sleep(0.05)  # the heartbeat is under way with v0001 in its set
+            r.remove("agentloop@v0001")
+            assert await r.unload_unheld("agentloop@v0001", unload)
+            await beat
+
+        asyncio.run(main())
+        assert unloaded == ["agentloop@v0001"] and store.holds("agentloop") == []
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- two gateways, one engine
 
 class SharedEngine(Engine):

@@ -16,7 +16,11 @@ Invariants:
 - the base (`v0000`), the live version and the canary are always served; every
   other version is unloaded once idle. The base needs no adapter in the engines
   when it runs on their bare weights (router.base_on_weights, the default); else
-  its zero adapter is loaded like any version.
+  its zero adapter is loaded like any version;
+- engines read adapters from this gateway's registry folder, except attached engines
+  (`--engine-url`, maybe on another host) of a deployment with a registry URL: they are
+  given the version's URL and the hash this gateway verified, and fetch their own copy
+  (serve/inside_vllm/adapter_fetch.py), so no engine needs this gateway's disk.
 """
 
 from __future__ import annotations
@@ -49,11 +53,14 @@ class AdapterManager:
     """
 
     def __init__(self, router: ServedVersions, pool: EnginePool | None, *, max_rank: int,
-                 registry_url: str | None = None):
+                 registry_url: str | None = None, engines_fetch: bool = False):
         self.router = router
         self.pool = pool
         self.max_rank = max_rank
         self.registry_url = registry_url
+        # The engines fetch versions from registry_url themselves (attached ones: maybe on
+        # another host than this gateway's registry folder).
+        self.engines_fetch = engines_fetch and registry_url is not None
         self.registry: AdapterRegistry | None = None
         self.mirror: RegistryMirror | None = None  # the deployment's registry at registry_url
         self.base_model: str | None = None
@@ -112,10 +119,10 @@ class AdapterManager:
     def restore(self) -> None:
         """At start-up: serve the base and whatever the registry says is live (if it still verifies)."""
         base = self._registry().get(BASE_VERSION)
-        self.router.add_version(BASE_VERSION, str(base.path))
+        self.router.add_version(BASE_VERSION, self._engine_path(base))
         live = self._verified_live()
         if live is not None:
-            self.router.add_version(live.version, str(live.path), live=True)
+            self.router.add_version(live.version, self._engine_path(live), live=True)
         else:
             self.router.set_live(self.router.name_of(BASE_VERSION))
 
@@ -168,7 +175,7 @@ class AdapterManager:
             if live is None or live.version == BASE_VERSION:
                 self.router.set_live(self.router.name_of(BASE_VERSION))
             else:
-                self.router.add_version(live.version, str(live.path), live=True)
+                self.router.add_version(live.version, self._engine_path(live), live=True)
             log.error("alias %s now serves %s", self.router.alias, self.router.live)
         elif self.router.canary and self.router.canary[0] == name:
             self.router.set_canary(None)
@@ -225,8 +232,11 @@ class AdapterManager:
         if self.router.base_on_weights and m.version == BASE_VERSION:
             # The base runs on the engines' own weights: nothing to load (a rollback to it).
             return m, self.router.add_version(m.version, str(m.path))
+        if self.engines_fetch:
+            await self._upload(m.version)  # where the engines fetch it from (a no-op if there)
+        path = self._engine_path(m)
         try:
-            await self.pool.load_adapter(name, str(m.path))
+            await self.pool.load_adapter(name, path)
         except EngineUnavailable:
             raise
         except Exception as e:
@@ -234,7 +244,15 @@ class AdapterManager:
             await self._unload_quietly(name)
             raise InvalidRequest(f"The engine refused adapter {version}: {e}", param="version",
                                  code="adapter_invalid") from e
-        return m, self.router.add_version(m.version, str(m.path))
+        return m, self.router.add_version(m.version, path)
+
+    def _engine_path(self, m) -> str:
+        """What the engines load `m` (a verified manifest) from: this gateway's folder, or the
+        version's registry URL with the weights' hash (engines that fetch; not the base, which
+        every process writes itself and which runs on the bare weights by default)."""
+        if self.engines_fetch and self.mirror is not None and m.version != BASE_VERSION:
+            return self.mirror.source(m.version, m.weights_sha256)
+        return str(m.path)
 
     async def load_candidate(self, version: str) -> str:
         """Load `version` beside the served ones without routing the alias to it (the loop's

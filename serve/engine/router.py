@@ -283,6 +283,7 @@ class StoreServedVersions(ModelRouter):
         self.heartbeat = heartbeat
         self.hold_ttl = hold_ttl
         self.error: str | None = None   # why the last watch or apply failed, for /health
+        self._holding = asyncio.Lock()
 
     async def seed(self, live: str) -> ServedState:
         row = await asyncio.to_thread(self.store.init_served, self.alias, live, by=self.gateway)
@@ -314,7 +315,11 @@ class StoreServedVersions(ModelRouter):
         return frozenset(self.adapters()) | frozenset(extra)
 
     async def hold(self, extra: tuple[str, ...] = ()) -> None:
-        await asyncio.to_thread(self.store.hold_served, self.alias, self.gateway, self.held(extra))
+        # One hold or release of this gateway at a time, each reading the served set when its
+        # turn comes: a heartbeat that read it before a version was retired must not write it
+        # back after that version's release (then no gateway would ever unload it).
+        async with self._holding:
+            await asyncio.to_thread(self.store.hold_served, self.alias, self.gateway, self.held(extra))
 
     async def unload_unheld(self, name: str, unload: Callable[[], Awaitable[None]]) -> bool:
         """Release this gateway's hold of `name`; unload it if nobody else holds it. The unload
@@ -325,5 +330,6 @@ class StoreServedVersions(ModelRouter):
         def then() -> None:
             asyncio.run_coroutine_threadsafe(unload(), loop).result(timeout=120)
 
-        return await asyncio.to_thread(self.store.release_hold, self.alias, self.gateway, name,
-                                       ttl=self.hold_ttl, then=then)
+        async with self._holding:
+            return await asyncio.to_thread(self.store.release_hold, self.alias, self.gateway, name,
+                                           ttl=self.hold_ttl, then=then)
