@@ -29,9 +29,10 @@ check returns `(ok, reason)` with a short reason when not ok.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
+
+from agentloop.rl.graders import normalize_string  # the loop's graders compare strings by the same rule
 
 __all__ = [
     "CATEGORIES", "load_category", "openai_name", "to_openai_schema", "to_openai_tool",
@@ -103,11 +104,6 @@ def to_openai_tool(function: dict[str, Any]) -> dict[str, Any]:
     if function.get("description"):
         fn["description"] = function["description"]
     return {"type": "function", "function": fn}
-
-
-def normalize_string(s: str) -> str:
-    """Strings compare equal if they differ only in case, spaces and `,./-_*^`."""
-    return re.sub(r"[ ,./\-_*^]", "", s).lower().replace("'", '"')
 
 
 # ------------------------------------------------------------------ values

@@ -18,7 +18,8 @@ import json
 from typing import Any, Iterator, Protocol
 
 # Feedback a caller can give on a completion (serve/services/feedback.py checks the bodies).
-FEEDBACK_TYPES = ("thumbs", "rating", "correction", "pairwise")
+# "reference" means "grade against this" (rl/graders), never "train on this verbatim".
+FEEDBACK_TYPES = ("thumbs", "rating", "correction", "pairwise", "reference")
 
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from agentloop.rl.graders import build_graders
 from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.boot import Boot, http_engines
 from agentloop.serve.engine.client import Engine, EnginePool
@@ -37,6 +38,7 @@ from agentloop.serve.engine.router import StoreServedVersions
 from agentloop.serve.services.access import Access
 from agentloop.serve.metrics import Metrics
 from agentloop.serve.services.chat import ChatService
+from agentloop.serve.services.grading import Grading
 from agentloop.serve.services.loop import LoopRunner
 from agentloop.serve.settings import Settings
 from agentloop.serve.store.db import Store
@@ -81,6 +83,7 @@ class Gateway:
         self.access: Access | None = None
         self.loop: LoopRunner | None = None
         self.chat: ChatService | None = None
+        self.grading: Grading | None = None
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, coro) -> None:
@@ -105,6 +108,7 @@ class Gateway:
         self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
         self.loop = LoopRunner(s, self.store, self.adapters, self.pool)
         await asyncio.to_thread(self.loop.recover)
+        self.grading = Grading(self.store, build_graders(s.graders), flush=self.writer.flush)
         self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn,
                                 thinking=thinking_budgets(s))
         await self.pool.start()

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         "copy under <home>/adapters, next to its engines: a version is published there before it is served "
         "and fetched from there (its hashes checked) by every gateway that lacks it. None: this gateway's "
         "home only (one gateway)."))
+    graders: list[dict] | None = Field(None, description=(
+        "The deployment's graders (rl/graders), in order: a JSON list of specs {\"type\", \"name\"?, options}, "
+        "types tool_schema, reference_call, string_check (operation eq|ne|like|ilike, value?) and regex "
+        "(pattern, flags?, invert?). None: tool_schema, reference_call and reference_text (string_check eq "
+        "against a reference's text). POST /admin/grade tries them; reference feedback is graded by them."))
     served_poll_seconds: float = Field(0.1, gt=0, le=10, description=(
         "On SQLite, how often a gateway reads the served state (live version, canary) that any gateway on the "
         "database may change; PostgreSQL wakes it by LISTEN/NOTIFY instead. A change reaches every gateway "
@@ -155,6 +160,14 @@ class Settings(BaseSettings):
     def _registry_ok(cls, v: str | None) -> str | None:
         if v is not None:
             check_registry_url(v)
+        return v
+
+    @field_validator("graders")
+    @classmethod
+    def _graders_ok(cls, v: list[dict] | None) -> list[dict] | None:
+        from agentloop.rl.graders import build_graders
+
+        build_graders(v)  # GraderConfigError (a ValueError): the setting is refused, saying which spec
         return v
 
     @field_validator("engine_urls")

@@ -1,7 +1,8 @@
-"""Admin HTTP endpoints: adapter versions, promotion, rollback, canary, training runs.
+"""Admin HTTP endpoints: adapter versions, promotion, rollback, canary, training runs, graders.
 
 Thin: each route checks the admin key, parses its body, and calls the one
-place that does the work (serve/engine/adapters.py for versions, serve/services/loop.py for runs).
+place that does the work (serve/engine/adapters.py for versions, serve/services/loop.py for runs,
+serve/services/grading.py for grades).
 
 Invariant: every route requires `Authorization: Bearer <AGENTLOOP_ADMIN_KEY>`,
 compared in constant time, or the dashboard's session cookie; user
@@ -169,3 +170,39 @@ async def get_run(request: Request, run_id: str):
     if run is None:
         raise NotFound(f"No training run {run_id!r}.", param="run_id", code="run_not_found")
     return _run_view(run, await asyncio.to_thread(store.run_metrics, run_id))
+
+
+def _grading(request: Request):
+    grading = request.app.state.gw.grading
+    if grading is None:
+        raise EngineUnavailable("The gateway is starting; retry shortly.", retry_after=5)
+    return grading
+
+
+@router.get("/graders", dependencies=[Depends(require_admin)])
+async def list_graders(request: Request):
+    """The deployment's graders, in order, with their options."""
+    return {"object": "list", "data": _grading(request).describe()}
+
+
+@router.post("/grade", dependencies=[Depends(require_admin)])
+async def grade(request: Request):
+    """Grade a logged completion with every grader that applies (`reference`: an assistant message
+    to grade against; without it, the newest reference feedback on the completion). Stored."""
+    body = await _body(request)
+    unknown = body.keys() - {"completion_id", "reference"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidRequest(f"Unrecognized request argument supplied: {name}.", param=name)
+    return await asyncio.to_thread(_grading(request).grade, body.get("completion_id"), body.get("reference"))
+
+
+@router.get("/grades", dependencies=[Depends(require_admin)])
+async def list_grades(request: Request, completion_id: str | None = None, version: str | None = None,
+                      grader: str | None = None, limit: int = 100):
+    """Stored grades, newest first, by completion, served version or grader."""
+    store = request.app.state.gw.store
+    rows = await asyncio.to_thread(store.list_grades, completion_id=completion_id,
+                                   version=version and version_of(version), grader=grader,
+                                   limit=max(1, min(limit, 1000)))
+    return {"object": "list", "data": [{"object": "grade", **r} for r in rows]}

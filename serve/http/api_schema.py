@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from agentloop.rl.schema import FEEDBACK_TYPES
 from agentloop.serve.services.feedback import (
     MAX_CHOICE_INDEX, MAX_COMMENT_CHARS, MAX_ID_CHARS, MAX_KEY_CHARS, MAX_LIST_LIMIT,
 )
@@ -116,17 +117,21 @@ def _feedback(kind: str, required: list[str], **props: Any) -> dict[str, Any]:
             "properties": {"type": {"enum": [kind]}, "comment": _COMMENT, **props}}
 
 
+_ASSISTANT = {
+    "type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+        "role": {"enum": ["assistant"]}, "content": {"type": ["string", "null"]},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL}, "reasoning_content": _STR},
+    # An assistant message that says something: text, or at least one call.
+    "anyOf": [{"required": ["content"], "properties": {"content": _STR}},
+              {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}}]}
+
 FEEDBACK_REQUEST = {"oneOf": [
     _feedback("thumbs", ["completion_id", "value"], completion_id=_ID, value={"enum": [1, -1]}),
     _feedback("rating", ["completion_id", "value"], completion_id=_ID,
               value={"type": "integer", "minimum": 1, "maximum": 5}),
-    _feedback("correction", ["completion_id", "correction"], completion_id=_ID, correction={
-        "type": "object", "required": ["role"], "additionalProperties": False, "properties": {
-            "role": {"enum": ["assistant"]}, "content": {"type": ["string", "null"]},
-            "tool_calls": {"type": "array", "items": _TOOL_CALL}, "reasoning_content": _STR},
-        # An assistant message that teaches something: text, or at least one call.
-        "anyOf": [{"required": ["content"], "properties": {"content": _STR}},
-                  {"required": ["tool_calls"], "properties": {"tool_calls": {"minItems": 1}}}]}),
+    _feedback("correction", ["completion_id", "correction"], completion_id=_ID, correction=_ASSISTANT),
+    # The same message, meaning "grade against this" (rl/graders), not "train on this".
+    _feedback("reference", ["completion_id", "reference"], completion_id=_ID, reference=_ASSISTANT),
     _feedback("pairwise", ["chosen_id", "rejected_id"], chosen_id=_ID, rejected_id=_ID,
               chosen_index=_INDEX, rejected_index=_INDEX),
 ]}
@@ -137,7 +142,7 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 FEEDBACK_LIST_QUERY = [
-    _query("type", {"enum": ["thumbs", "rating", "correction", "pairwise"]}),
+    _query("type", {"enum": list(FEEDBACK_TYPES)}),
     _query("completion_id", _ID), _query("version", _STR), _query("after", _STR),
     _query("since", {"type": "number"}),
     _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
@@ -150,6 +155,8 @@ ADMIN_BODIES = {
     "/admin/rollback": {"type": "object", "required": ["version"], "properties": {"version": _VERSION}},
     "/admin/canary": {"type": "object", "properties": {
         "version": _VERSION, "share": {"type": "number", "minimum": 0, "maximum": 1}}},
+    "/admin/grade": {"type": "object", "required": ["completion_id"], "additionalProperties": False,
+                     "properties": {"completion_id": _ID, "reference": _ASSISTANT}},
     "/admin/train": {"type": "object", "properties": {
         "promote": {"type": "boolean"}, "method": {"enum": ["dpo", "kto"]}, "params": {"type": "object"}}},
 }

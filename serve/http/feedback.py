@@ -1,7 +1,8 @@
 """`POST /v1/feedback` and `GET /v1/feedback`: thin routes over serve/services/feedback.py.
 
 A 200 means the feedback is committed (written in a thread, in its own
-transaction, after the request log holds the completion it refers to).
+transaction, after the request log holds the completion it refers to). A reference feedback
+is then graded by the deployment's graders (serve/services/grading.py), after the answer.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ async def create_feedback(request: Request):
         raise RequestTooLarge(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     body = protocol.parse_body(raw)
     flush = gw.writer.flush if gw.writer is not None else None
-    row, _ = await asyncio.to_thread(record_feedback, gw.store, caller_of(request), body,
-                                     idempotency_key=request.headers.get("idempotency-key"), flush=flush)
+    row, created = await asyncio.to_thread(record_feedback, gw.store, caller_of(request), body,
+                                           idempotency_key=request.headers.get("idempotency-key"), flush=flush)
+    if created and row["type"] == "reference" and gw.grading is not None:
+        # Committed already (the 200 says so); its grades follow, off the response path.
+        gw.spawn(asyncio.to_thread(gw.grading.grade_reference_feedback, row))
     return JSONResponse(public(row))
 
 

@@ -9,10 +9,13 @@ Feedback types (every body may add ``"comment"``, a string):
 - ``thumbs``: ``{"completion_id", "value": 1 | -1}``
 - ``rating``: ``{"completion_id", "value": 1..5}``
 - ``correction``: ``{"completion_id", "correction": <assistant message>}``
+- ``reference``: ``{"completion_id", "reference": <assistant message>}`` — like a correction
+  in shape, but it means "grade against this" (rl/graders: the reference-call and string
+  graders compare the answer with it), not "train on this verbatim".
 - ``pairwise``: ``{"chosen_id", "rejected_id", "chosen_index"?, "rejected_index"?}``
   — two choices of the same conversation (same ``conversation_hash``): two
   completions (a regenerate), or two choices of one ``n>1`` completion.
-Thumbs, ratings and corrections refer to choice 0 of their completion.
+Thumbs, ratings, corrections and references refer to choice 0 of their completion.
 
 Invariants
 - A 200 means the feedback is committed (inserted synchronously, off the event
@@ -50,12 +53,13 @@ _FIELDS = {
     "thumbs": {"completion_id", "value"},
     "rating": {"completion_id", "value"},
     "correction": {"completion_id", "correction"},
+    "reference": {"completion_id", "reference"},
     "pairwise": {"chosen_id", "rejected_id", "chosen_index", "rejected_index"},
 }
 _COMMON = {"type", "comment"}
 # The stored fields a client sees; caller, key and request hash stay internal.
 PUBLIC_FIELDS = ("type", "completion_id", "chosen_id", "rejected_id", "chosen_index", "rejected_index",
-                 "value", "correction", "comment", "version", "conversation_hash")
+                 "value", "correction", "reference", "comment", "version", "conversation_hash")
 
 
 class IdempotencyKeyReused(AgentloopError):
@@ -172,8 +176,8 @@ def parse_feedback(body: Any) -> dict[str, Any]:
                                  param="rejected_id")
         return out
     out["completion_id"] = _id(body, "completion_id")
-    if ftype == "correction":
-        out["correction"] = check_assistant_message(body.get("correction"))
+    if ftype in ("correction", "reference"):
+        out[ftype] = check_assistant_message(body.get(ftype), param=ftype)
         return out
     v = body.get("value")
     ok = _is_int(v) and (v in (1, -1) if ftype == "thumbs" else 1 <= v <= 5)

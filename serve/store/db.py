@@ -11,7 +11,7 @@ What it owns
 - The write path, ``LogWriter``, is serve/store/logwriter.py.
 - Feedback SQL (table ``feedback``, migration m002) is in serve/store/feedback.py,
   a mixin ``Store`` inherits: same layer, split only for file size. Runs (m003),
-  keys (m004) and the served state of every gateway (m005) likewise.
+  keys (m004), the served state of every gateway (m005) and grades (m006) likewise.
 
 Invariants
 - A row acknowledged by ``LogWriter.flush()`` returning True (or written by
@@ -58,6 +58,7 @@ from agentloop.serve.store.feedback import FeedbackStore, m002_feedback
 from agentloop.serve.store.runs import RunStore, m003_runs
 from agentloop.serve.store.keys import KeyStore, m004_api_keys
 from agentloop.serve.store.served import ServedStore, m005_served
+from agentloop.serve.store.grades import GradeStore, m006_grades
 from agentloop.serve.store.stats import StatsStore
 
 logger = logging.getLogger("agentloop.store")
@@ -126,6 +127,7 @@ migration(m002_feedback)  # defined with the rest of the feedback SQL
 migration(m003_runs)  # training runs and their metrics (serve/store/runs.py)
 migration(m004_api_keys)  # user API keys, hashed (serve/store/keys.py)
 migration(m005_served)  # what every gateway serves, and which versions each holds (serve/store/served.py)
+migration(m006_grades)  # reference feedback's message, and graders' grades (serve/store/grades.py)
 
 
 # ---------------------------------------------------------------- store
@@ -179,7 +181,7 @@ def _decode(mapping: Any) -> dict[str, Any]:
     return row
 
 
-class Store(FeedbackStore, RunStore, StatsStore, KeyStore, ServedStore):
+class Store(FeedbackStore, RunStore, StatsStore, KeyStore, ServedStore, GradeStore):
     """All SQL agentloop runs. Thread-safe: share one instance per process."""
 
     def __init__(self, url: str, *, connect_timeout: int = 5, pool_size: int = 5, pool_timeout: float = 10.0):

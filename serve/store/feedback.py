@@ -61,10 +61,12 @@ def _feedback_v1_columns() -> list[Column]:
 
 
 _META = MetaData()
-FEEDBACK = Table("feedback", _META, *_feedback_v1_columns())
+# v1 plus the columns later migrations added: m006 (serve/store/grades.py) the reference message.
+FEEDBACK = Table("feedback", _META, *_feedback_v1_columns(), Column("reference", Text))
 _FB_COLUMNS = tuple(c.name for c in FEEDBACK.columns)
 _FB_COLUMN_SET = frozenset(_FB_COLUMNS)
 _FB_REQUIRED = ("id", "caller", "type")
+_FB_JSON = ("correction", "reference")  # assistant messages
 
 # A lightweight handle on the completions table for the dataset join. Not
 # serve.store.COMPLETIONS: importing it would be circular, and the join needs
@@ -106,15 +108,17 @@ def _encode_feedback(row: dict[str, Any], now: float) -> dict[str, Any]:
     out.update(row)
     if out["created_at"] is None:
         out["created_at"] = now
-    if out["correction"] is not None:
-        out["correction"] = json.dumps(out["correction"], ensure_ascii=False, separators=(",", ":"))
+    for k in _FB_JSON:
+        if out[k] is not None:
+            out[k] = json.dumps(out[k], ensure_ascii=False, separators=(",", ":"))
     return out
 
 
 def _decode_feedback(mapping: Any) -> dict[str, Any]:
     row = dict(mapping)
-    if row.get("correction") is not None:
-        row["correction"] = json.loads(row["correction"])
+    for k in _FB_JSON:
+        if row.get(k) is not None:
+            row[k] = json.loads(row[k])
     return row
 
 
@@ -143,7 +147,9 @@ class FeedbackStore:
                 existing = self._by_key(conn, params["caller"], params["idempotency_key"])
                 if existing is not None:
                     return existing
-                conn.execute(insert(FEEDBACK).values(**params))
+                # Only the columns set (NULL is every column's default), so a row that uses no column
+                # of a later migration also fits a database one migration behind.
+                conn.execute(insert(FEEDBACK).values(**{k: v for k, v in params.items() if v is not None}))
         except sa_exc.IntegrityError:
             # The pre-check above is enough on SQLite (BEGIN IMMEDIATE serialises
             # writers); elsewhere a concurrent retry can win between check and

@@ -1,0 +1,67 @@
+"""Graders: what the loop can check about an answer without a person typing feedback.
+
+A grader takes a logged request, one candidate assistant message and an optional reference
+message, and returns a score in [0, 1] with a reason (`base.py`: `Case`, `Grader`, `Grade`,
+`grade_all`). Built in:
+- `tool_schema` (calls.py): the calls name the request's tools and validate against their schemas;
+- `reference_call` (calls.py): the calls match the reference's, BFCL-style;
+- `string_check` (text.py): the text equals / contains a value or the reference's text;
+- `regex` (text.py): the text matches a pattern.
+
+A deployment configures its graders as a list of specs, `{"type": ..., "name"?: ..., <options>}`
+(the `graders` setting, `AGENTLOOP_GRADERS` as JSON); `build_graders` checks every spec (an
+unknown type or key, a bad option, two graders with one name: GraderConfigError) and builds
+them in order. Without a setting, `DEFAULT_SPECS`: the schema check, the reference-call match
+and `reference_text` (the text equals the reference's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentloop.rl.graders.base import GRADE_STATUSES, Case, Grade, Grader, GraderConfigError, GraderSet, grade_all
+from agentloop.rl.graders.calls import ReferenceCallGrader, ToolSchemaGrader, normalize_string, same_value
+from agentloop.rl.graders.text import RegexGrader, StringCheckGrader
+
+__all__ = [
+    "BUILT_IN", "DEFAULT_SPECS", "GRADE_STATUSES", "Case", "Grade", "Grader", "GraderConfigError", "GraderSet",
+    "build_graders", "grade_all", "normalize_string", "same_value",
+]
+
+BUILT_IN: dict[str, type[Grader]] = {g.type: g for g in (ToolSchemaGrader, ReferenceCallGrader,
+                                                         StringCheckGrader, RegexGrader)}
+DEFAULT_SPECS: list[dict[str, Any]] = [
+    {"type": "tool_schema"},
+    {"type": "reference_call"},
+    {"type": "string_check", "name": "reference_text", "operation": "eq"},
+]
+MAX_NAME_CHARS = 64
+
+
+def build_graders(specs: list[dict[str, Any]] | None = None) -> GraderSet:
+    """The graders `specs` describe (None: DEFAULT_SPECS). Raises GraderConfigError."""
+    if specs is None:
+        specs = DEFAULT_SPECS
+    if not isinstance(specs, list):
+        raise GraderConfigError("graders must be a list of grader specs")
+    out: list[Grader] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise GraderConfigError(f"graders[{i}] must be an object with a 'type'")
+        kind = spec.get("type")
+        cls = BUILT_IN.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise GraderConfigError(f"graders[{i}].type must be one of {', '.join(BUILT_IN)}; got {kind!r}")
+        unknown = spec.keys() - {"type", "name"} - cls.fields
+        if unknown:
+            raise GraderConfigError(f"graders[{i}] ({kind}) has no option {sorted(unknown)[0]!r}")
+        name = spec.get("name", kind)
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            raise GraderConfigError(f"graders[{i}].name must be a string of 1..{MAX_NAME_CHARS} characters")
+        if any(g.name == name for g in out):
+            raise GraderConfigError(f"graders[{i}]: two graders are named {name!r}")
+        try:
+            out.append(cls(name, **{k: v for k, v in spec.items() if k in cls.fields}))
+        except GraderConfigError as e:
+            raise GraderConfigError(f"graders[{i}] ({name}): {e}") from None
+    return GraderSet(out)
