@@ -108,7 +108,7 @@ class Gateway:
         self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
         self.loop = LoopRunner(s, self.store, self.adapters, self.pool)
         await asyncio.to_thread(self.loop.recover)
-        self.grading = Grading(self.store, build_graders(s.graders), flush=self.writer.flush)
+        self.grading = Grading(self.store, build_graders(s.graders, served=self._served), flush=self.writer.flush)
         self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn,
                                 thinking=thinking_budgets(s))
         await self.pool.start()
@@ -127,6 +127,8 @@ class Gateway:
             await self.pool.aclose()
         for t in list(self._tasks):
             t.cancel()
+        if self.grading is not None:
+            await asyncio.to_thread(self.grading.graders.close)
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
         if self.store is not None:
@@ -144,6 +146,14 @@ class Gateway:
                 "live": self.router.live, "served": self.adapters.served_health(),
                 "boot": self.boot.state if self.boot else None,
                 "engine_dtype": self.engine_dtype()}
+
+    def _served(self) -> tuple[str, str]:
+        """Where a judge grader without a URL asks: the first ready engine, the live version."""
+        engine = next((e for e in self.pool.engines if e.ready), self.pool.engines[0])
+        live = self.router.live
+        if live is None or live in self.router.base_names():
+            return f"{engine.url}/v1", getattr(engine, "base_model", None) or f"{self.settings.alias}-base"
+        return f"{engine.url}/v1", live
 
     def engine_dtype(self) -> dict[str, str] | None:
         """The supervised engine's dtype and why it was chosen (None when attached: theirs)."""

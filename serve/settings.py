@@ -6,10 +6,11 @@ time, so tests and several apps in one process can each have their own.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -86,9 +87,14 @@ class Settings(BaseSettings):
         "home only (one gateway)."))
     graders: list[dict] | None = Field(None, description=(
         "The deployment's graders (rl/graders), in order: a JSON list of specs {\"type\", \"name\"?, options}, "
-        "types tool_schema, reference_call, string_check (operation eq|ne|like|ilike, value?) and regex "
-        "(pattern, flags?, invert?). None: tool_schema, reference_call and reference_text (string_check eq "
-        "against a reference's text). POST /admin/grade tries them; reference feedback is graded by them."))
+        "types tool_schema, reference_call, string_check (operation eq|ne|like|ilike, value?), regex "
+        "(pattern, flags?, invert?), python (function 'module:function', timeout?) and judge (model?, "
+        "base_url?, api_key_env?, prompt?, timeout?, max_tokens?; without base_url the deployment's engine "
+        "and live version). None: tool_schema, reference_call and reference_text (string_check eq against a "
+        "reference's text). POST /admin/grade tries them; reference feedback is graded by them."))
+    graders_file: Path | None = Field(None, description=(
+        "A JSON file with the deployment's graders instead of AGENTLOOP_GRADERS: the same list, or "
+        "{\"graders\": [...]}. Read and checked when the gateway is configured."))
     served_poll_seconds: float = Field(0.1, gt=0, le=10, description=(
         "On SQLite, how often a gateway reads the served state (live version, canary) that any gateway on the "
         "database may change; PostgreSQL wakes it by LISTEN/NOTIFY instead. A change reaches every gateway "
@@ -169,6 +175,23 @@ class Settings(BaseSettings):
 
         build_graders(v)  # GraderConfigError (a ValueError): the setting is refused, saying which spec
         return v
+
+    @model_validator(mode="after")
+    def _graders_from_file(self) -> "Settings":
+        if self.graders_file is None:
+            return self
+        from agentloop.rl.graders import build_graders
+
+        if self.graders is not None:
+            raise ValueError("set graders or graders_file, not both")
+        try:
+            data = json.loads(Path(self.graders_file).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"graders_file {self.graders_file}: {e}") from None
+        specs = data.get("graders") if isinstance(data, dict) else data
+        build_graders(specs)  # refused saying which spec, as for AGENTLOOP_GRADERS
+        self.graders = specs
+        return self
 
     @field_validator("engine_urls")
     @classmethod

@@ -200,5 +200,79 @@ def test_the_setting_is_checked_when_the_gateway_is_configured(monkeypatch, tmp_
     monkeypatch.setenv("AGENTLOOP_GRADERS", json.dumps([{"type": "regex", "pattern": "("}]))
     with pytest.raises(ValueError, match="regex pattern"):
         Settings(home=tmp_path)
-    assert set(BUILT_IN) == {"tool_schema", "reference_call", "string_check", "regex"}
+    assert set(BUILT_IN) == {"tool_schema", "reference_call", "string_check", "regex", "python", "judge"}
     assert [g["name"] for g in build_graders().describe()] == ["tool_schema", "reference_call", "reference_text"]
+
+
+# ---------------------------------------------------------------- python graders
+
+def test_a_python_grader_runs_the_deployments_function():
+    specs = [{"type": "python", "name": "paris", "function": "tests.grader_functions:city_is_paris"},
+             {"type": "python", "name": "same", "function": "tests.grader_functions:against_reference"},
+             {"type": "python", "name": "chatty", "function": "tests.grader_functions:chatty"}]
+    gs = build_graders(specs)
+    try:
+        got = {g.grader: g for g in gs.grade(Case(REQUEST, calls(call("get_weather", {"city": "Paris"}))))}
+        assert (got["paris"].score, got["paris"].reason) == (1.0, "asks for Paris")
+        assert (got["same"].score, got["same"].reason) == (0.0, "other text")
+        assert (got["chatty"].score, got["chatty"].status) == (0.25, "ok")
+        got = {g.grader: g for g in gs.grade(Case(REQUEST, text("Hi"), text("Hi")))}
+        assert got["same"].score == 1.0 and got["paris"].reason == "asks for None"
+    finally:
+        gs.close()
+
+
+def test_a_python_grader_that_raises_hangs_or_answers_garbage_fails_with_its_reason():
+    import time
+
+    specs = [{"type": "python", "name": "raises", "function": "tests.grader_functions:raises"},
+             {"type": "python", "name": "hangs", "function": "tests.grader_functions:hangs", "timeout": 1},
+             {"type": "python", "name": "garbage", "function": "tests.grader_functions:garbage"},
+             {"type": "python", "name": "missing", "function": "tests.grader_functions:no_such_function"},
+             {"type": "tool_schema"}]
+    gs = build_graders(specs)
+    try:
+        t0 = time.monotonic()
+        got = {g.grader: g for g in gs.grade(Case(REQUEST, calls(call("get_weather", {"city": "Paris"}))))}
+        assert time.monotonic() - t0 < 20
+        assert got["raises"].status == "failed" and got["raises"].reason == "RuntimeError: ValueError: no good"
+        assert got["hangs"].status == "failed" and "did not answer within 1s" in got["hangs"].reason
+        assert got["garbage"].status == "failed" and "not a number in [0, 1]" in got["garbage"].reason
+        assert got["missing"].status == "failed" and "has no function 'no_such_function'" in got["missing"].reason
+        assert got["tool_schema"].score == 1.0  # the others' grades stand
+        hangs = next(g for g in gs.graders if g.name == "hangs")
+        assert hangs._proc is None  # killed; the next call starts a new worker
+    finally:
+        gs.close()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"type": "python"}, "module:function"),
+    ({"type": "python", "function": "tests.grader_functions"}, "module:function"),
+    ({"type": "python", "function": "no_such_module_xyz:f"}, "no module"),
+    ({"type": "python", "function": "tests.grader_functions:raises", "timeout": 0}, "timeout"),
+    ({"type": "judge", "base_url": "ftp://x"}, "http"),
+    ({"type": "judge", "base_url": "http://x"}, "'model' is needed"),
+    ({"type": "judge", "prompt": "../etc/passwd"}, "template"),
+    ({"type": "judge", "prompt": "no_such_prompt"}, "template"),
+    ({"type": "judge", "api_key_env": "sk-123"}, "environment variable"),
+    ({"type": "judge", "max_tokens": 1}, "max_tokens"),
+])
+def test_bad_python_and_judge_specs_are_refused(spec, needle):
+    with pytest.raises(GraderConfigError, match=needle):
+        build_graders([spec])
+
+
+def test_graders_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("AGENTLOOP_GRADERS", raising=False)
+    f = tmp_path / "graders.json"
+    f.write_text(json.dumps({"graders": [{"type": "regex", "name": "digits", "pattern": r"\d"}]}))
+    assert Settings(home=tmp_path, graders_file=f).graders == [{"type": "regex", "name": "digits", "pattern": r"\d"}]
+    f.write_text(json.dumps([{"type": "regex", "pattern": "("}]))
+    with pytest.raises(ValueError, match="regex pattern"):
+        Settings(home=tmp_path, graders_file=f)
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match="graders_file"):
+        Settings(home=tmp_path, graders_file=f)
+    with pytest.raises(ValueError, match="not both"):
+        Settings(home=tmp_path, graders_file=f, graders=[])

@@ -147,3 +147,10 @@ def test_admin_grade_refuses_bad_calls(client):
                                           headers=ADMIN), 400)
     assert err["param"] == "reference.role"
     assert client.post("/admin/grade", json={"completion_id": cid}, headers=ALICE).status_code in (401, 403)
+
+
+def test_a_judge_without_a_url_asks_the_deployments_engine(client):
+    gw = client.app.state.gw
+    assert gw._served() == ("fake://engine/v1", "agentloop-base")  # v0000 live: the bare base weights
+    gw.router.add_version("v0001", "/adapters/v0001", live=True)
+    assert gw._served() == ("fake://engine/v1", "agentloop@v0001")

@@ -6,10 +6,15 @@ message, and returns a score in [0, 1] with a reason (`base.py`: `Case`, `Grader
 - `tool_schema` (calls.py): the calls name the request's tools and validate against their schemas;
 - `reference_call` (calls.py): the calls match the reference's, BFCL-style;
 - `string_check` (text.py): the text equals / contains a value or the reference's text;
-- `regex` (text.py): the text matches a pattern.
+- `regex` (text.py): the text matches a pattern;
+- `python` (python.py): a function the deployment names (`module:function`), in a worker process,
+  with a timeout;
+- `judge` (judge.py): an OpenAI-compatible model scores the answer 0..10 (a prompt template in
+  templates/), by default the deployment's own engine and live version.
 
 A deployment configures its graders as a list of specs, `{"type": ..., "name"?: ..., <options>}`
-(the `graders` setting, `AGENTLOOP_GRADERS` as JSON); `build_graders` checks every spec (an
+(the `graders` setting, `AGENTLOOP_GRADERS` as JSON, or the file `graders_file` names);
+`build_graders` checks every spec (an
 unknown type or key, a bad option, two graders with one name: GraderConfigError) and builds
 them in order. Without a setting, `DEFAULT_SPECS`: the schema check, the reference-call match
 and `reference_text` (the text equals the reference's).
@@ -21,6 +26,8 @@ from typing import Any
 
 from agentloop.rl.graders.base import GRADE_STATUSES, Case, Grade, Grader, GraderConfigError, GraderSet, grade_all
 from agentloop.rl.graders.calls import ReferenceCallGrader, ToolSchemaGrader, normalize_string, same_value
+from agentloop.rl.graders.judge import JudgeGrader, Served
+from agentloop.rl.graders.python import PythonGrader
 from agentloop.rl.graders.text import RegexGrader, StringCheckGrader
 
 __all__ = [
@@ -29,7 +36,7 @@ __all__ = [
 ]
 
 BUILT_IN: dict[str, type[Grader]] = {g.type: g for g in (ToolSchemaGrader, ReferenceCallGrader,
-                                                         StringCheckGrader, RegexGrader)}
+                                                         StringCheckGrader, RegexGrader, PythonGrader, JudgeGrader)}
 DEFAULT_SPECS: list[dict[str, Any]] = [
     {"type": "tool_schema"},
     {"type": "reference_call"},
@@ -38,8 +45,9 @@ DEFAULT_SPECS: list[dict[str, Any]] = [
 MAX_NAME_CHARS = 64
 
 
-def build_graders(specs: list[dict[str, Any]] | None = None) -> GraderSet:
-    """The graders `specs` describe (None: DEFAULT_SPECS). Raises GraderConfigError."""
+def build_graders(specs: list[dict[str, Any]] | None = None, *, served: Served | None = None) -> GraderSet:
+    """The graders `specs` describe (None: DEFAULT_SPECS). `served` tells a judge without a
+    `base_url` where the deployment's live version answers. Raises GraderConfigError."""
     if specs is None:
         specs = DEFAULT_SPECS
     if not isinstance(specs, list):
@@ -61,7 +69,8 @@ def build_graders(specs: list[dict[str, Any]] | None = None) -> GraderSet:
         if any(g.name == name for g in out):
             raise GraderConfigError(f"graders[{i}]: two graders are named {name!r}")
         try:
-            out.append(cls(name, **{k: v for k, v in spec.items() if k in cls.fields}))
+            extra = {"served": served} if cls is JudgeGrader else {}
+            out.append(cls(name, **{k: v for k, v in spec.items() if k in cls.fields}, **extra))
         except GraderConfigError as e:
             raise GraderConfigError(f"graders[{i}] ({name}): {e}") from None
     return GraderSet(out)

@@ -76,6 +76,9 @@ class Grader(ABC):
     def options(self) -> dict[str, Any]:
         return {}
 
+    def close(self) -> None:
+        """Let go of what the grader holds (a worker process); it may be used again after."""
+
 
 @dataclass
 class GraderSet:
@@ -88,6 +91,10 @@ class GraderSet:
 
     def grade(self, case: Case) -> list[Grade]:
         return grade_all(self.graders, case)
+
+    def close(self) -> None:
+        for g in self.graders:
+            g.close()
 
 
 def _failed(g: Grader, reason: str) -> Grade:

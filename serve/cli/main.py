@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "model": args.model, "alias": args.alias,
         "template": args.template, "engine_port": args.engine_port, "database_url": args.database_url,
-        "registry_url": args.registry_url,
+        "registry_url": args.registry_url, "graders_file": args.graders_file,
         "max_model_len": args.max_model_len,
         "engine_dtype": args.engine_dtype,
     }.items() if v is not None}
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-dtype", help="dtype of the supervised engine: auto (default: bf16 where the CPU "
                                           "has native bf16, else fp32), bfloat16 or float32.")
     s.add_argument("--database-url", help="SQLAlchemy URL of the store (default SQLite in AGENTLOOP_HOME).")
+    s.add_argument("--graders-file", help="A JSON file with the deployment's graders (rl/graders; default: "
+                   "AGENTLOOP_GRADERS, else tool_schema, reference_call and reference_text).")
     s.add_argument("--registry-url", help="Where the deployment's adapter versions live, shared by its gateways: "
                                           "any fsspec URL (file:///dir, s3://bucket/prefix with s3fs, ...); "
                                           "default none: this gateway's own (AGENTLOOP_HOME/adapters).")
