@@ -110,6 +110,7 @@ class Gateway:
         await asyncio.to_thread(self.loop.recover)
         self.grading = Grading(self.store, build_graders(s.graders, served=self._served), flush=self.writer.flush)
         self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn,
+                                tool_outcomes=self.grading.record_tool_outcomes,
                                 thinking=thinking_budgets(s))
         await self.pool.start()
         if self.boot is not None:

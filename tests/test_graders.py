@@ -276,3 +276,30 @@ def test_graders_from_a_file(tmp_path, monkeypatch):
         Settings(home=tmp_path, graders_file=f)
     with pytest.raises(ValueError, match="not both"):
         Settings(home=tmp_path, graders_file=f, graders=[])
+
+
+# ---------------------------------------------------------------- tool outcomes
+
+def test_tool_results_at_the_end_of_a_request_are_the_new_outcomes():
+    from agentloop.rl.graders import new_tool_outcomes, reports_error
+
+    asked = [{"role": "user", "content": "Weather in Paris and Lyon?"}]
+    made = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", **call("get_weather", {"city": "Paris"})}, {"id": "c2", **call("get_weather", {"city": "Lyon"})}]}
+    results = [{"role": "tool", "tool_call_id": "c1", "content": '{"temperature": 18}'},
+               {"role": "tool", "tool_call_id": "c2", "content": "Error: tool 'get_weather' failed: down"}]
+    out = new_tool_outcomes(asked + [made] + results)
+    assert [(o.tool_call_id, o.name, o.ok) for o in out] == [("c1", "get_weather", True), ("c2", "get_weather", False)]
+    assert all(o.prefix == asked for o in out)
+    g = out[1].grade()
+    assert (g.grader, g.score) == ("tool_outcome", 0.0) and "reported an error: Error: tool" in g.reason
+    # Results are new only at the end; a result of no call of that message, or with no call, is none.
+    assert new_tool_outcomes(asked + [made] + results + [{"role": "assistant", "content": "ok"}]) == []
+    assert new_tool_outcomes(asked + [{"role": "tool", "tool_call_id": "c1", "content": "x"}]) == []
+    assert new_tool_outcomes(asked + [made, {"role": "tool", "tool_call_id": "zz", "content": "x"}]) == []
+    assert new_tool_outcomes("garbage") == [] and new_tool_outcomes([]) == []
+    for said, err in [("Error: boom", True), ("  error - no such city", True), ("Traceback (most recent", True),
+                      ('{"error": "rate limited"}', True), ('{"error": null, "ok": 1}', False),
+                      ("Errors are rare here: 18C", False), ("18C and sunny", False), ("{not json", False),
+                      ([{"type": "text", "text": "Exception: x"}], True), (None, False)]:
+        assert reports_error(said) is err, said

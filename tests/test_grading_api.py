@@ -154,3 +154,33 @@ def test_a_judge_without_a_url_asks_the_deployments_engine(client):
     assert gw._served() == ("fake://engine/v1", "agentloop-base")  # v0000 live: the bare base weights
     gw.router.add_version("v0001", "/adapters/v0001", live=True)
     assert gw._served() == ("fake://engine/v1", "agentloop@v0001")
+
+
+def test_tool_results_sent_back_grade_the_call_that_made_them(client):
+    def ask(messages, headers=ALICE):
+        r = client.post("/v1/chat/completions", json={"model": "agentloop", "messages": messages, "tools": [WEATHER]},
+                        headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = ask(ASK)
+    made = first["choices"][0]["message"]
+    (tc,) = made["tool_calls"]
+    failed = ASK + [made, {"role": "tool", "tool_call_id": tc["id"], "content": "Error: weather service down"}]
+    ask(failed)
+    (g,) = grades_of(client, first["id"], 1)
+    assert (g["grader"], g["grader_type"], g["score"], g["status"]) == ("tool_outcome", "tool_outcome", 0.0, "ok")
+    assert "get_weather reported an error: Error: weather service down" in g["reason"] and g["version"] == "v0000"
+    # The conversation goes on and repeats the result, another caller sends the same: one grade.
+    ask(failed + [{"role": "user", "content": "And now?"}])
+    ask(failed)
+    ask(failed, headers=BOB)
+    time.sleep(0.5)
+    assert len(grades_of(client, first["id"], 2, timeout=0.5)) == 1
+    # A result that is not an error grades the call 1.
+    second = ask([{"role": "user", "content": "Weather in Lyon?"}])
+    made = second["choices"][0]["message"]
+    ask([{"role": "user", "content": "Weather in Lyon?"}, made,
+         {"role": "tool", "tool_call_id": made["tool_calls"][0]["id"], "content": '{"temperature": 18}'}])
+    (g,) = grades_of(client, second["id"], 1)
+    assert g["score"] == 1.0 and "get_weather answered" in g["reason"]

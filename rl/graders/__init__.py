@@ -11,6 +11,8 @@ message, and returns a score in [0, 1] with a reason (`base.py`: `Case`, `Grader
   with a timeout;
 - `judge` (judge.py): an OpenAI-compatible model scores the answer 0..10 (a prompt template in
   templates/), by default the deployment's own engine and live version.
+Beside them, `outcomes.py`: a tool's result sent back in the next request grades the call that
+produced it (`tool_outcome`: 0 when the result reports an error, else 1), with no grader to set up.
 
 A deployment configures its graders as a list of specs, `{"type": ..., "name"?: ..., <options>}`
 (the `graders` setting, `AGENTLOOP_GRADERS` as JSON, or the file `graders_file` names);
@@ -27,12 +29,14 @@ from typing import Any
 from agentloop.rl.graders.base import GRADE_STATUSES, Case, Grade, Grader, GraderConfigError, GraderSet, grade_all
 from agentloop.rl.graders.calls import ReferenceCallGrader, ToolSchemaGrader, normalize_string, same_value
 from agentloop.rl.graders.judge import JudgeGrader, Served
+from agentloop.rl.graders.outcomes import ToolOutcome, new_tool_outcomes, reports_error
 from agentloop.rl.graders.python import PythonGrader
 from agentloop.rl.graders.text import RegexGrader, StringCheckGrader
 
 __all__ = [
     "BUILT_IN", "DEFAULT_SPECS", "GRADE_STATUSES", "Case", "Grade", "Grader", "GraderConfigError", "GraderSet",
-    "build_graders", "grade_all", "normalize_string", "same_value",
+    "ToolOutcome", "build_graders", "grade_all", "new_tool_outcomes", "normalize_string", "reports_error",
+    "same_value",
 ]
 
 BUILT_IN: dict[str, type[Grader]] = {g.type: g for g in (ToolSchemaGrader, ReferenceCallGrader,

@@ -82,8 +82,12 @@ class ChatResult:
 
 class ChatService:
     def __init__(self, router: ServedVersions, pool: EnginePool, writer: LogWriter, metrics: Metrics, *,
-                 thinking: protocol.ThinkingBudgets | None = None, spawn: Callable[[Any], None] | None = None):
+                 thinking: protocol.ThinkingBudgets | None = None, spawn: Callable[[Any], None] | None = None,
+                 tool_outcomes: Callable[[str, dict[str, Any]], Any] | None = None):
         self.router = router
+        # Given a request that brings tool results back, grades the calls that made them
+        # (serve/services/grading.py); blocking, so it runs in a thread, off the response path.
+        self.tool_outcomes = tool_outcomes
         self.thinking = thinking or protocol.ThinkingBudgets()
         self.pool = pool
         self.writer = writer
@@ -133,6 +137,9 @@ class ChatService:
         version: Version | None = None
         try:
             req = protocol.validate(body)
+            last = (body.get("messages") or [None])[-1]
+            if self.tool_outcomes is not None and isinstance(last, dict) and last.get("role") == "tool":
+                self._spawn(asyncio.to_thread(self.tool_outcomes, caller, body))
             version = self.resolve(req.model)
             self.router.acquire(version)
             row.update(served_model=version.name, version=version.version)

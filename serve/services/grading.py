@@ -1,4 +1,5 @@
-"""Grading logged completions: `POST /admin/grade`, and every reference feedback as it arrives.
+"""Grading logged completions: `POST /admin/grade`, every reference feedback as it arrives, and the
+outcomes of tool calls that the next request reports.
 
 What it owns: turning a logged completion (its request and choice 0), and a reference (given in
 the call, else the newest reference feedback on that completion) into a `Case`, running the
@@ -10,15 +11,18 @@ Invariants
   reason; the other graders' grades stand, and nothing else is lost.
 - Blocking (SQL, graders): callers on the event loop use a thread.
 - An admin grades any caller's completion; a reference feedback grades only its own caller's
-  completion (feedback ownership is checked before it is stored).
+  completion (feedback ownership is checked before it is stored); a tool outcome only a completion
+  of the caller who sent it, once however often the conversation repeats it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Callable
 
-from agentloop.rl.graders import Case, GraderSet
+from agentloop.rl.graders import Case, GraderSet, new_tool_outcomes
+from agentloop.rl.schema import conversation_hash
 from agentloop.serve.errors import InvalidRequest, NotFound
 from agentloop.serve.services.feedback import MAX_ID_CHARS, check_assistant_message
 
@@ -78,3 +82,42 @@ class Grading:
             self.grade(row["completion_id"], feedback=row)
         except Exception:  # noqa: BLE001 - the feedback is committed; grading it is a bonus
             log.exception("grading reference feedback %s failed", row.get("id"))
+
+    def record_tool_outcomes(self, caller: str, request: dict[str, Any]) -> int:
+        """Grade the calls whose results `request` brings back (`tool_outcome`, rl/graders/outcomes.py)
+        on the completion of `caller` that made them; returns how many grades are new. Never raises:
+        it runs beside a chat request, which it must not disturb."""
+        try:
+            outcomes = new_tool_outcomes(request.get("messages"))
+            if not outcomes:
+                return 0
+            # The messages before the calling assistant message, with the same tools, were the
+            # request of the completion that made the calls.
+            h = conversation_hash({"messages": outcomes[0].prefix, "tools": request.get("tools")})
+            comp = self._maker(caller, h, {o.tool_call_id for o in outcomes})
+            if comp is None and self.flush is not None:
+                self.flush()  # it may still be on its way to the log
+                comp = self._maker(caller, h, {o.tool_call_id for o in outcomes})
+            if comp is None:
+                return 0
+            rows = []
+            for o in outcomes:
+                g = o.grade()
+                key = hashlib.sha256(f"{comp['id']}\0{o.tool_call_id}".encode()).hexdigest()[:32]
+                rows.append({"id": f"grade-outcome-{key}", "completion_id": comp["id"], "choice_index": 0,
+                             "version": comp.get("version"), "grader": g.grader, "grader_type": g.type,
+                             "grader_version": g.version, "score": g.score, "status": g.status, "reason": g.reason})
+            return len(self.store.insert_grades(rows))
+        except Exception:  # noqa: BLE001 - an outcome not recorded must not fail the chat
+            log.exception("recording tool outcomes failed")
+            return 0
+
+    def _maker(self, caller: str, h: str, ids: set[str]) -> dict[str, Any] | None:
+        """The completion of conversation `h` whose answer made the calls `ids`."""
+        for comp in self.store.completions_of_conversation(caller, h):
+            for choice in (comp.get("response") or {}).get("choices") or []:
+                msg = choice.get("message") if isinstance(choice, dict) else None
+                made = {tc.get("id") for tc in (msg or {}).get("tool_calls") or [] if isinstance(tc, dict)}
+                if ids & made:
+                    return comp
+        return None

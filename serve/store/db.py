@@ -374,6 +374,14 @@ class Store(FeedbackStore, RunStore, StatsStore, KeyStore, ServedStore, GradeSto
         with self._conn() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def completions_of_conversation(self, caller: str, conversation_hash: str, *, limit: int = 20) -> list[dict[str, Any]]:
+        """`caller`'s completions of one conversation (messages and tools), newest first."""
+        c = COMPLETIONS.c
+        stmt = (select(COMPLETIONS).where(c.caller == caller, c.conversation_hash == conversation_hash)
+                .order_by(c.created_at.desc(), c.id.desc()).limit(limit))
+        with self._conn() as conn:
+            return [_decode(m) for m in conn.execute(stmt).mappings()]
+
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # Let SQLAlchemy emit BEGIN (see _sqlite_on_begin) instead of the sqlite3

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import Column, Connection, Float, Index, Integer, MetaData, Table, Text, func, insert, select, text
+from sqlalchemy import exc as sa_exc
 
 from agentloop.rl.graders import GRADE_STATUSES
 
@@ -70,7 +71,9 @@ class GradeStore:
 
     def insert_grades(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store graded rows (completion_id, choice_index, version, grader, grader_type,
-        grader_version, score, status, reason, feedback_id, reference) in one transaction."""
+        grader_version, score, status, reason, feedback_id, reference) in one transaction; returns
+        those stored. A row may bring its own `id`: one whose id is stored already is skipped (a
+        grade recorded once however often it is reported, e.g. a tool outcome)."""
         now = time.time()
         out = []
         for r in rows:
@@ -80,10 +83,22 @@ class GradeStore:
                         "version": None, "score": None, "reason": None, "feedback_id": None, **r})
         params = [{**r, "reference": None if r.get("reference") is None
                    else json.dumps(r["reference"], ensure_ascii=False, separators=(",", ":"))} for r in out]
-        if params:
-            with self._conn(write=True) as conn:  # type: ignore[attr-defined]
-                conn.execute(insert(GRADES), params)
-        return out
+        if not params:
+            return []
+        for attempt in (0, 1):
+            try:
+                with self._conn(write=True) as conn:  # type: ignore[attr-defined]
+                    have = set(conn.execute(select(GRADES.c.id).where(
+                        GRADES.c.id.in_([p["id"] for p in params]))).scalars())
+                    fresh = [p for p in params if p["id"] not in have]
+                    if fresh:
+                        conn.execute(insert(GRADES), fresh)
+                break
+            except sa_exc.IntegrityError:
+                if attempt:
+                    raise  # not a race with a writer of the same ids
+        kept = {p["id"] for p in fresh}
+        return [r for r in out if r["id"] in kept]
 
     def list_grades(self, *, completion_id: str | None = None, version: str | None = None,
                     grader: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
