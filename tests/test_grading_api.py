@@ -184,3 +184,25 @@ def test_tool_results_sent_back_grade_the_call_that_made_them(client):
          {"role": "tool", "tool_call_id": made["tool_calls"][0]["id"], "content": '{"temperature": 18}'}])
     (g,) = grades_of(client, second["id"], 1)
     assert g["score"] == 1.0 and "get_weather answered" in g["reason"]
+
+
+def test_grades_are_stored_once_and_summarised_on_both_databases(db_url):
+    from agentloop.serve.store.db import Store
+
+    store = Store(db_url)
+    try:
+        row = {"completion_id": "c1", "version": "v0001", "grader": "reference_call", "grader_type": "reference_call",
+               "grader_version": "1", "score": 1.0, "status": "ok", "reason": "match",
+               "reference": {"role": "assistant", "content": "x"}}
+        assert len(store.insert_grades([row, {**row, "score": 0.0}, {**row, "score": None, "status": "failed"}])) == 3
+        once = {**row, "id": "grade-outcome-1", "grader": "tool_outcome", "grader_type": "tool_outcome"}
+        assert len(store.insert_grades([once])) == 1 and store.insert_grades([once]) == []  # its id: once
+        with pytest.raises(ValueError):
+            store.insert_grades([{**row, "status": "maybe"}])
+        assert store.grade_summary() == [
+            {"version": "v0001", "grader": "reference_call", "n": 3, "failed": 1, "mean_score": pytest.approx(0.5)},
+            {"version": "v0001", "grader": "tool_outcome", "n": 1, "failed": 0, "mean_score": pytest.approx(1.0)}]
+        got = store.list_grades(completion_id="c1", grader="reference_call")
+        assert len(got) == 3 and got[0]["reference"] == {"role": "assistant", "content": "x"}
+    finally:
+        store.close()

@@ -158,6 +158,14 @@ def test_stats_count_feedback_by_kind_and_version(app_client):
     assert s["thumbs"] == [{"version": "v0000", "up": 2, "down": 1, "rate": pytest.approx(2 / 3)}]
     assert s["traffic"] == [{"version": "v0000", "count": 3, "ok": 3}]
     assert s["alias_traffic"]["versions"] == [{"version": "v0000", "count": 3, "ok": 3, "share": 1.0}]
+    assert s["grades"] == []
+    admin_h = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for said in ("Hi there", "Bye"):  # what FakeEngine answers, and not
+        assert c.post("/admin/grade", headers=admin_h, json={"completion_id": ids[0], "reference": {
+            "role": "assistant", "content": said}}).status_code == 200
+    s = c.get("/admin/stats", headers=admin_h).json()
+    assert s["grades"] == [{"version": "v0000", "grader": "reference_text", "n": 2, "failed": 0,
+                            "mean_score": pytest.approx(0.5)}]
 
 
 # ---------------------------------------------------------------- browser, against the real server
@@ -383,6 +391,15 @@ def test_dashboard_login_versions_charts_and_confirmed_actions(gateway, server, 
         "model": "agentloop", "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]})
     httpx.post(f"{gateway}/v1/feedback", headers=user, timeout=30,
                json={"type": "thumbs", "completion_id": r.json()["id"], "value": 1}).raise_for_status()
+    # A reference feedback: graded once stored, and the grades table shows it.
+    httpx.post(f"{gateway}/v1/feedback", headers=user, timeout=30, json={
+        "type": "reference", "completion_id": r.json()["id"],
+        "reference": {"role": "assistant", "content": "Hello! How can I help?"}}).raise_for_status()
+    deadline = time.monotonic() + 15
+    while not httpx.get(f"{gateway}/admin/grades", params={"completion_id": r.json()["id"]}, timeout=10,
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]:
+        assert time.monotonic() < deadline, "the reference feedback was not graded"
+        time.sleep(0.1)
     # Scripts: the page itself answers a Bearer header.
     assert "versions-table" in httpx.get(f"{gateway}/admin", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
 
@@ -408,6 +425,7 @@ def test_dashboard_login_versions_charts_and_confirmed_actions(gateway, server, 
                               ".data.datasets.reduce((n, d) => n + d.data.length, 0)")
         assert drawn > 0, chart
     expect(page.locator("#thumbs-table")).to_contain_text("v0000")
+    expect(page.locator("#grades-table")).to_contain_text("reference_text")
     expect(page.locator("#runs-table tbody tr").first).not_to_contain_text("No training runs")
     shot(page, "dashboard.png")
 

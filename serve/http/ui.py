@@ -103,14 +103,14 @@ def _rate(up: int, down: int) -> float | None:
 
 @router.get("/admin/stats", dependencies=[Depends(admin.require_admin)])
 async def stats(request: Request, window: float = 3600.0):
-    """Feedback volume by kind and version, thumbs rate per version, and how the
-    alias's traffic split over versions in the last `window` seconds (the
-    observed canary share)."""
+    """Feedback volume by kind and version, thumbs rate per version, grades per version and
+    grader (how many, how many failed, the mean score), and how the alias's traffic split over
+    versions in the last `window` seconds (the observed canary share)."""
     gw = request.app.state.gw
     window = min(max(window, 60.0), 90 * 86400.0)
     since = time.time() - window
-    fb, traffic, recent = await asyncio.gather(
-        asyncio.to_thread(gw.store.feedback_stats),
+    fb, grades, traffic, recent = await asyncio.gather(
+        asyncio.to_thread(gw.store.feedback_stats), asyncio.to_thread(gw.store.grade_summary),
         asyncio.to_thread(gw.store.traffic_stats),
         asyncio.to_thread(gw.store.traffic_stats, model=gw.router.alias, since=since))
     total = sum(r["count"] for r in recent)
@@ -118,6 +118,7 @@ async def stats(request: Request, window: float = 3600.0):
         "object": "stats",
         "feedback": fb["by_type"],
         "thumbs": [{**r, "rate": _rate(r["up"], r["down"])} for r in fb["thumbs"]],
+        "grades": grades,
         "traffic": traffic,
         "alias_traffic": {"alias": gw.router.alias, "window_seconds": window,
                           "versions": [{**r, "share": r["count"] / total} for r in recent]},

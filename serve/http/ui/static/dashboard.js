@@ -13,7 +13,7 @@
 const CHART_RUNS = 12; // runs whose per-step metrics are fetched and drawn
 const ACTIVE = ["queued", "running"];
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
-const KINDS = ["thumbs", "rating", "correction", "pairwise"];
+const KINDS = ["thumbs", "rating", "correction", "pairwise", "reference"];
 // TRL's names for the per-step numbers we chart (DPO; KTO logs the margin and loss too).
 const METRICS = {loss: "loss", margin: "rewards/margins", accuracy: "rewards/accuracies"};
 
@@ -194,6 +194,12 @@ function renderFeedback(stats) {
   feedbackChart(stats);
 }
 
+function renderGrades(stats) {
+  fillTable("grades-table", (stats.grades || []).map((r) => el("tr", {dataset: {version: fmt.version(r.version), grader: r.grader}},
+    td(fmt.version(r.version)), td(r.grader), td(r.n), td(r.failed), td(fmt.num(r.mean_score, 2)))),
+    "No grades yet: reference feedback, tool results and POST /admin/grade make them.");
+}
+
 function fillVersionSelects(adapters, models) {
   const live = models?.data.find((m) => !m.parent)?.version;
   for (const select of document.querySelectorAll(".version-select")) {
@@ -223,7 +229,7 @@ async function refresh() {
     fillVersionSelects(adapters.value.data, models.value);
   }
   if (runs.value) renderRuns(runList, details);
-  if (stats.value) renderFeedback(stats.value);
+  if (stats.value) { renderFeedback(stats.value); renderGrades(stats.value); }
   if (errors.length) status(`Some data could not be loaded: ${[...new Set(errors)].join("; ")}`, "error");
   document.body.dataset.loaded = "1";
   // While a training runs, follow it.
