@@ -64,10 +64,7 @@ class RegistryMirror:
         return sorted(n for n in names if is_version(n) and self.fs.exists(f"{self.root}/{n}/{MANIFEST}"))
 
     def _remote_manifest(self, version: str) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(f"{self._dir(version)}/{MANIFEST}"))
-        except FileNotFoundError:
-            return None
+        return _manifest_at(self.fs, self._dir(version))
 
     def publish(self, version: str) -> None:
         """Put the local `version` at the URL (verified first); no-op if it is already there."""
@@ -120,6 +117,14 @@ class RegistryMirror:
         return out
 
 
+def _manifest_at(fs, folder: str) -> dict | None:
+    """The manifest of the version folder `folder` on `fs` (None: not there, or not complete yet)."""
+    try:
+        return json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
+    except FileNotFoundError:
+        return None
+
+
 def _check(folder: Path, data: dict, where: str) -> None:
     """The adapter files in `folder` are the ones the manifest `data` names (sha256), or AdapterInvalid."""
     for f, recorded in ((ADAPTER_WEIGHTS, data.get("weights_sha256")), (ADAPTER_CONFIG, data.get("config_sha256"))):
@@ -163,10 +168,9 @@ def engine_copy(source: str, cache: Path | str) -> Path:
     url = url.rstrip("/")
     fs, path = fsspec.core.url_to_fs(url)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rsplit("/", 1)[-1])[:40] or "adapter"
-    try:
-        data = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
-    except FileNotFoundError:
-        raise VersionNotFound(url) from None
+    data = _manifest_at(fs, path)
+    if data is None:
+        raise VersionNotFound(url)
     recorded = data.get("weights_sha256")
     if not recorded or (expect and recorded != expect):
         raise AdapterInvalid(url, f"the manifest's weights sha256 {recorded} is not the {expect} asked for")
@@ -181,9 +185,8 @@ def engine_copy(source: str, cache: Path | str) -> Path:
             shutil.rmtree(dst, ignore_errors=True)  # damaged since: fetched again below
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache))
     try:
-        _download(fs, path, tmp, data, where=url)
+        _download(fs, path, tmp, data, where=url)  # checked there, before it is renamed into place
         _into_place(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _check(dst, data, str(dst))
     return dst

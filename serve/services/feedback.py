@@ -208,7 +208,9 @@ def check_idempotency_key(key: str | None) -> str | None:
 
 # ---------------------------------------------------------------- recording (sync, blocking)
 
-def _completions(store, flush: Callable[[], Any] | None, ids: list[str]) -> dict[str, dict | None]:
+def completions_by_id(store, flush: Callable[[], Any] | None, ids: list[str]) -> dict[str, dict | None]:
+    """The logged completions `ids` (None where missing), the request log flushed once first if
+    one is not written yet (also serve/services/grading.py). Any caller's: ownership is the caller's."""
     found = {i: store.get_completion(i) for i in dict.fromkeys(ids)}
     if flush is not None and any(v is None for v in found.values()):
         # The gateway logs completions off the response path: a client quick to
@@ -253,7 +255,7 @@ def record_feedback(store, caller: str, body: Any, *, idempotency_key: str | Non
             return _replayed(prior, rhash), False
     fields = parse_feedback(body)
     if fields["type"] == "pairwise":
-        comps = _completions(store, flush, [fields["chosen_id"], fields["rejected_id"]])
+        comps = completions_by_id(store, flush, [fields["chosen_id"], fields["rejected_id"]])
         chosen = _usable(comps[fields["chosen_id"]], caller, fields["chosen_id"], "chosen_id",
                          fields["chosen_index"] or 0)
         rejected = _usable(comps[fields["rejected_id"]], caller, fields["rejected_id"], "rejected_id",
@@ -264,7 +266,7 @@ def record_feedback(store, caller: str, body: Any, *, idempotency_key: str | Non
         ref = chosen  # a pair's version is the chosen side's: the one the preference favours
     else:
         cid = fields["completion_id"]
-        ref = _usable(_completions(store, flush, [cid])[cid], caller, cid, "completion_id", 0)
+        ref = _usable(completions_by_id(store, flush, [cid])[cid], caller, cid, "completion_id", 0)
     row = {**fields, "id": f"fb-{uuid.uuid4().hex}", "created_at": time.time(), "caller": caller,
            "idempotency_key": key, "request_hash": rhash, "version": ref.get("version"),
            "conversation_hash": ref.get("conversation_hash")}

@@ -21,10 +21,10 @@ import hashlib
 import logging
 from typing import Any, Callable
 
-from agentloop.rl.graders import Case, GraderSet, new_tool_outcomes
+from agentloop.rl.graders import Case, Grade, GraderSet, new_tool_outcomes
 from agentloop.rl.schema import conversation_hash
 from agentloop.serve.errors import InvalidRequest, NotFound
-from agentloop.serve.services.feedback import MAX_ID_CHARS, check_assistant_message
+from agentloop.serve.services.feedback import MAX_ID_CHARS, check_assistant_message, completions_by_id
 
 log = logging.getLogger("agentloop.grading")
 
@@ -47,10 +47,7 @@ class Grading:
         """
         if not isinstance(completion_id, str) or not completion_id or len(completion_id) > MAX_ID_CHARS:
             raise InvalidRequest("'completion_id' must be a completion id (a non-empty string).", param="completion_id")
-        comp = self.store.get_completion(completion_id)
-        if comp is None and self.flush is not None:
-            self.flush()
-            comp = self.store.get_completion(completion_id)
+        comp = completions_by_id(self.store, self.flush, [completion_id])[completion_id]
         if comp is None:
             raise NotFound(f"No completion found with id '{completion_id}'.", param="completion_id",
                            code="completion_not_found")
@@ -68,11 +65,8 @@ class Grading:
             reference = feedback["reference"] if feedback else None
         case = Case(request=comp.get("request") or {}, candidate=candidate, reference=reference)
         grades = self.graders.grade(case)
-        self.store.insert_grades([{
-            **{k: v for k, v in g.to_dict().items() if k != "type"}, "grader_type": g.type,
-            "completion_id": completion_id, "choice_index": 0, "version": comp.get("version"),
-            "feedback_id": feedback["id"] if feedback else None, "reference": reference,
-        } for g in grades])
+        self.store.insert_grades([_row(g, comp, feedback_id=feedback["id"] if feedback else None,
+                                       reference=reference) for g in grades])
         return {"object": "grade_list", "completion_id": completion_id, "version": comp.get("version"),
                 "reference": reference, "data": [g.to_dict() for g in grades]}
 
@@ -100,13 +94,9 @@ class Grading:
                 comp = self._maker(caller, h, {o.tool_call_id for o in outcomes})
             if comp is None:
                 return 0
-            rows = []
-            for o in outcomes:
-                g = o.grade()
-                key = hashlib.sha256(f"{comp['id']}\0{o.tool_call_id}".encode()).hexdigest()[:32]
-                rows.append({"id": f"grade-outcome-{key}", "completion_id": comp["id"], "choice_index": 0,
-                             "version": comp.get("version"), "grader": g.grader, "grader_type": g.type,
-                             "grader_version": g.version, "score": g.score, "status": g.status, "reason": g.reason})
+            # Its id makes an outcome one grade however often the conversation repeats it.
+            rows = [_row(o.grade(), comp, id="grade-outcome-" + hashlib.sha256(
+                f"{comp['id']}\0{o.tool_call_id}".encode()).hexdigest()[:32]) for o in outcomes]
             return len(self.store.insert_grades(rows))
         except Exception:  # noqa: BLE001 - an outcome not recorded must not fail the chat
             log.exception("recording tool outcomes failed")
@@ -121,3 +111,10 @@ class Grading:
                 if ids & made:
                     return comp
         return None
+
+
+def _row(g: Grade, comp: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The stored row of grade `g` on choice 0 of the logged completion `comp`."""
+    return {"completion_id": comp["id"], "choice_index": 0, "version": comp.get("version"), "grader": g.grader,
+            "grader_type": g.type, "grader_version": g.version, "score": g.score, "status": g.status,
+            "reason": g.reason, **extra}
