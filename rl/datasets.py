@@ -10,8 +10,11 @@ Rows (TRL conversational format; TRL reads ``tools`` and ``chat_template_kwargs`
 - KTO: ``prompt``, ``completion`` (one assistant message), ``label`` (bool),
   ``tools``, ``chat_template_kwargs``. A correction gives two: the correction
   (desirable) and the answer it corrected (undesirable).
+- Reference feedback is never a row itself: the caller's logged answers of that conversation
+  are graded against it (the deployment's graders, rl/graded.py) and the grades make DPO pairs
+  (best against worst across ``grade_margin``) or KTO examples (by score), ``graded`` true.
 Both carry metadata columns (``source``, ``caller``, ``conversation_hash``,
-``version``, ``feedback_ids``) that TRL drops before training.
+``version``, ``feedback_ids``, ``graded``) that TRL drops before training.
 
 Invariants
 - A prompt renders exactly as the gateway rendered it: same messages, tools
@@ -34,17 +37,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from agentloop.rl.schema import conversation_hash
-from agentloop.templates.reasoning import request_template_kwargs
+from agentloop.rl.graded import best_and_worst, kto_label, score_candidates
+from agentloop.rl.graders import GraderSet, build_graders
+from agentloop.rl.rows import (  # noqa: F401 - template_kwargs, is_positive, kto_weights: this module's API too
+    assistant_message, bucket, canon, char_length, choice_message, is_positive, kto_weights, prompt_of,
+    template_kwargs, tokenizer_length,
+)
 
 KINDS = ("dpo", "kto")
-SOURCES = {"dpo": ("pairwise", "correction", "thumbs"), "kto": ("thumbs", "rating", "correction")}
+SOURCES = {"dpo": ("pairwise", "correction", "thumbs", "reference"),
+           "kto": ("thumbs", "rating", "correction", "reference")}
 TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs"),
                "kto": ("prompt", "completion", "label", "tools", "chat_template_kwargs")}
-META_COLUMNS = ("source", "caller", "conversation_hash", "version", "feedback_ids")
-# TRL wants desirable_weight*n_desirable / (undesirable_weight*n_undesirable) in
-# [1, 4/3]; aim at the middle so its 2-decimal rounded bound check passes too.
-_KTO_TARGET_RATIO = 7 / 6
+META_COLUMNS = ("source", "caller", "conversation_hash", "version", "feedback_ids", "graded")
+# How many of a caller's logged completions of one conversation are graded as its candidates.
+MAX_LOGGED_CANDIDATES = 20
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -59,7 +66,9 @@ class DatasetConfig:
                       default="dpo")
     sources: tuple[str, ...] | None = _help(
         "Feedback types to use; None uses all that apply: dpo: pairwise, correction, thumbs "
-        "(same-prompt up vs down); kto: thumbs, rating, correction.", default=None)
+        "(same-prompt up vs down), reference; kto: thumbs, rating, correction, reference. A reference "
+        "is never trained on verbatim: the caller's logged answers of that conversation are graded "
+        "against it (rl/graded.py) and the grades make the rows, marked graded.", default=None)
     since: float | None = _help("Only feedback created at or after this Unix time.", default=None)
     versions: tuple[str, ...] | None = _help(
         "Only feedback on completions of these model versions (e.g. 'v0003'); None takes all.", default=None)
@@ -89,6 +98,14 @@ class DatasetConfig:
         "rejected, source 'thumbs_up'). It holds no preference, so DPO's term is zero on it, but the NLL term "
         "(DPOJobConfig.sft_weight > 0) learns from it: what users approved is kept, not only what they "
         "corrected. Such rows go to the training split only (never the gate's held-out pairs).", default=False)
+    grade_margin: float = _help(
+        "DPO from grades: the best graded answer is paired against the worst only when their scores (0..1) "
+        "differ by at least this; a smaller difference is the graders' noise, not a preference.", default=0.25)
+    graded_desirable_min: float = _help(
+        "KTO from grades: an answer scoring at least this is desirable (with `positives`, a DPO best that has "
+        "no pair is kept as a positive-only row when it scores at least this).", default=1.0)
+    graded_undesirable_max: float = _help(
+        "KTO from grades: an answer scoring at most this is undesirable; one between is left out.", default=0.5)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -117,6 +134,10 @@ class DatasetConfig:
             raise ValueError("max_per_caller must be >= 1 or None")
         if self.max_caller_fraction is not None and not 0 < self.max_caller_fraction <= 1:
             raise ValueError("max_caller_fraction must be in (0, 1] or None")
+        if not 0 < self.grade_margin <= 1:
+            raise ValueError("grade_margin must be in (0, 1]")
+        if not 0 <= self.graded_undesirable_max < self.graded_desirable_min <= 1:
+            raise ValueError("need 0 <= graded_undesirable_max < graded_desirable_min <= 1")
         if not 1 <= self.rating_undesirable_max < self.rating_desirable_min <= 5:
             raise ValueError("need 1 <= rating_undesirable_max < rating_desirable_min <= 5")
 
@@ -190,100 +211,6 @@ class DatasetBuild:
         return Dataset.from_list(rows)
 
 
-# ---------------------------------------------------------------- row pieces
-
-def template_kwargs(request: dict[str, Any]) -> dict[str, Any]:
-    """The chat-template kwargs the gateway rendered ``request`` with: the same function
-    serving uses (agentloop.templates.reasoning), so training can never drift from it."""
-    return request_template_kwargs(request)
-
-
-def assistant_message(message: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A response (or correction) message as a training assistant message; None if empty."""
-    if not isinstance(message, dict):
-        return None
-    out: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    reasoning = message.get("reasoning_content")
-    if reasoning is None:
-        reasoning = message.get("reasoning")  # vLLM's name; the gateway sets both
-    if reasoning is not None:
-        out["reasoning_content"] = reasoning
-    calls = []
-    for tc in message.get("tool_calls") or []:
-        fn = tc.get("function") or {}
-        args = fn.get("arguments")
-        call = {"type": "function", "function": {
-            "name": fn.get("name"),
-            # Chat templates and OpenAI both expect the arguments as a JSON string.
-            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
-        if tc.get("id") is not None:
-            call = {"id": tc["id"], **call}
-        calls.append(call)
-    if calls:
-        out["tool_calls"] = calls
-    if out["content"] is None and not calls:
-        return None
-    return out
-
-
-def _choice(completion: dict[str, Any], index: int) -> dict[str, Any] | None:
-    for ch in (completion.get("response") or {}).get("choices") or []:
-        if isinstance(ch, dict) and ch.get("index", 0) == index:
-            return assistant_message(ch.get("message"))
-    return None
-
-
-def _prompt(completion: dict[str, Any]) -> dict[str, Any]:
-    req = completion["request"]
-    return {"prompt": req["messages"], "tools": req.get("tools") or None,
-            "chat_template_kwargs": template_kwargs(req),
-            "conversation_hash": completion.get("conversation_hash") or conversation_hash(req)}
-
-
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def _bucket(conversation_hash: str, salt: str) -> int:
-    return int(hashlib.sha256(f"{salt}:{conversation_hash}".encode()).hexdigest()[:8], 16) % 100
-
-
-def is_positive(row: dict[str, Any]) -> bool:
-    """A DPO row with no preference in it (chosen == rejected): only an NLL term learns from it."""
-    return "chosen" in row and _canon(row["chosen"]) == _canon(row.get("rejected"))
-
-
-def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
-    """(desirable_weight, undesirable_weight) so that TRL's balance guidance holds.
-
-    Only the over-represented class's opposite is reweighted (TRL: adjust one,
-    not both); balanced enough data, or a missing class, keeps (1.0, 1.0).
-    """
-    if not n_desirable or not n_undesirable:
-        return 1.0, 1.0
-    ratio = n_desirable / n_undesirable
-    if 1 <= ratio <= 4 / 3:
-        return 1.0, 1.0
-    if ratio > 4 / 3:
-        return 1.0, round(ratio / _KTO_TARGET_RATIO, 4)
-    return round(_KTO_TARGET_RATIO / ratio, 4), 1.0
-
-
-def char_length(messages: list[dict[str, Any]], tools: list | None, _kwargs: dict[str, Any]) -> int:
-    """Cheap token estimate: characters/4 of the messages and tools as JSON."""
-    return math.ceil(len(json.dumps({"tools": tools, "messages": messages}, ensure_ascii=False)) / 4)
-
-
-def tokenizer_length(tokenizer: Any):
-    """A length function counting the tokens of the rendered chat with ``tokenizer``."""
-    def length(messages: list[dict[str, Any]], tools: list | None, kwargs: dict[str, Any]) -> int:
-        ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, **kwargs)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return len(ids)
-    return length
-
-
 # ---------------------------------------------------------------- build
 
 @dataclass
@@ -294,9 +221,12 @@ class _Ex:
 
 
 class _Builder:
-    def __init__(self, config: DatasetConfig, length) -> None:
+    def __init__(self, config: DatasetConfig, length, store=None, graders: GraderSet | None = None) -> None:
         self.cfg = config
         self.length = length
+        self.store = store
+        self.graders = graders
+        self.graded: Counter = Counter()  # conversations and candidates graded, candidates no grader scored
         self.dropped: Counter = Counter()
         self.examples: list[_Ex] = []
         self.seen = 0  # feedback rows read
@@ -339,7 +269,8 @@ class _Builder:
             return False
         return True
 
-    def add(self, fbs: list[dict[str, Any]], source: str, base: dict[str, Any], **cols: Any) -> None:
+    def add(self, fbs: list[dict[str, Any]], source: str, base: dict[str, Any], graded: bool = False,
+            **cols: Any) -> None:
         if base["chat_template_kwargs"].get("enable_thinking") and any(
                 not isinstance(m[0].get("reasoning_content"), str) for m in cols.values() if isinstance(m, list)):
             # With thinking on, serving's generation prompt opens a <think> block:
@@ -350,7 +281,7 @@ class _Builder:
         newest = max(fbs, key=lambda f: (f["created_at"], f["id"]))
         row = {**{k: base[k] for k in ("prompt", "tools", "chat_template_kwargs")}, **cols, "source": source,
                "caller": newest["caller"], "conversation_hash": base["conversation_hash"],
-               "version": newest["version"], "feedback_ids": [f["id"] for f in fbs]}
+               "version": newest["version"], "feedback_ids": [f["id"] for f in fbs], "graded": graded}
         self.examples.append(_Ex(row, (newest["created_at"], *row["feedback_ids"])))
 
     # ------------------------------------------------------------ sources
@@ -362,8 +293,8 @@ class _Builder:
                 a, b = fb["chosen_completion"], fb["rejected_completion"]
                 if not self.usable(a, b):
                     continue
-                chosen, rejected = _choice(a, fb["chosen_index"] or 0), _choice(b, fb["rejected_index"] or 0)
-                pa, pb = _prompt(a), _prompt(b)
+                chosen, rejected = choice_message(a, fb["chosen_index"] or 0), choice_message(b, fb["rejected_index"] or 0)
+                pa, pb = prompt_of(a), prompt_of(b)
                 if chosen is None or rejected is None:
                     self.drop("unusable_completion")
                 elif pa["prompt"] != pb["prompt"] or pa["tools"] != pb["tools"]:
@@ -377,23 +308,23 @@ class _Builder:
             elif fb["type"] == "correction":
                 c = fb["completion"]
                 if self.usable(c):
-                    answer, fixed = _choice(c, 0), assistant_message(fb["correction"])
+                    answer, fixed = choice_message(c, 0), assistant_message(fb["correction"])
                     if answer is None or fixed is None:
                         self.drop("unusable_completion")
                     else:
-                        self.pair([fb], "correction", _prompt(c), fixed, answer)
+                        self.pair([fb], "correction", prompt_of(c), fixed, answer)
             elif fb["type"] == "thumbs" and self.usable(fb["completion"]):
-                p = _prompt(fb["completion"])
+                p = prompt_of(fb["completion"])
                 # Pair within one caller and one rendered prompt: a user's up and down
                 # are judgements on one scale, and caps/exclusions stay attributable.
-                group = (fb["caller"], p["conversation_hash"], _canon(p["chat_template_kwargs"]))
+                group = (fb["caller"], p["conversation_hash"], canon(p["chat_template_kwargs"]))
                 thumbs[group][fb["value"]].append((fb, p))
         for group in sorted(thumbs):
             ups, downs = thumbs[group][1], thumbs[group][-1]
             if not ups or not downs:
                 if self.cfg.positives and ups:
                     for up, p in ups:
-                        answer = _choice(up["completion"], 0)
+                        answer = choice_message(up["completion"], 0)
                         if answer is None:
                             self.drop("unusable_completion")
                         else:
@@ -405,14 +336,14 @@ class _Builder:
             # are fewer: deterministic, and every negative signal is used.
             for i, (down, p) in enumerate(downs):
                 up = ups[i % len(ups)][0]
-                chosen, rejected = _choice(up["completion"], 0), _choice(down["completion"], 0)
+                chosen, rejected = choice_message(up["completion"], 0), choice_message(down["completion"], 0)
                 if chosen is None or rejected is None:
                     self.drop("unusable_completion")
                 else:
                     self.pair([up, down], "thumbs", p, chosen, rejected)
 
     def pair(self, fbs, source, p, chosen, rejected) -> None:
-        if _canon(chosen) == _canon(rejected):
+        if canon(chosen) == canon(rejected):
             self.drop("identical_sides")  # no preference signal in it
         else:
             self.add(fbs, source, p, chosen=[chosen], rejected=[rejected])
@@ -427,11 +358,11 @@ class _Builder:
                 msg, label = assistant_message(fb["correction"]), True
                 # The answer the user corrected is an undesirable example: the same signal as
                 # DPO's correction pair, so a set of corrections alone has both KTO classes.
-                answer = _choice(c, 0)
-                if answer is not None and msg is not None and _canon(answer) != _canon(msg):
-                    self.add([fb], "correction", _prompt(c), completion=[answer], label=False)
+                answer = choice_message(c, 0)
+                if answer is not None and msg is not None and canon(answer) != canon(msg):
+                    self.add([fb], "correction", prompt_of(c), completion=[answer], label=False)
             else:
-                msg, v = _choice(c, 0), fb["value"]
+                msg, v = choice_message(c, 0), fb["value"]
                 if fb["type"] == "thumbs":
                     label = v == 1
                 elif v >= cfg.rating_desirable_min or v <= cfg.rating_undesirable_max:
@@ -442,7 +373,59 @@ class _Builder:
             if msg is None:
                 self.drop("unusable_completion")
                 continue
-            self.add([fb], fb["type"], _prompt(c), completion=[msg], label=label)
+            self.add([fb], fb["type"], prompt_of(c), completion=[msg], label=label)
+
+    def reference(self, fbs: list[dict[str, Any]]) -> None:
+        """Reference feedback: per caller and rendered conversation, the caller's logged answers graded
+        against their newest reference (rl/graded.py); never the reference itself."""
+        cfg, groups = self.cfg, defaultdict(list)
+        for fb in fbs:
+            if self.usable(fb["completion"]):
+                p = prompt_of(fb["completion"])
+                groups[(fb["caller"], p["conversation_hash"], canon(p["chat_template_kwargs"]))].append((fb, p))
+        for key in sorted(groups):
+            refs = [fb for fb, _ in groups[key]]
+            fb, p = groups[key][-1]  # oldest first: the caller's newest word on the conversation
+            reference = assistant_message(fb["reference"])
+            if reference is None:
+                self.drop("unusable_completion", len(refs))
+                continue
+            scored = score_candidates(self.graders, fb["completion"]["request"],
+                                      self.candidates(fb["caller"], p, [f["completion"] for f in refs]), reference)
+            unscored = sum(s.score is None for s in scored)
+            self.graded.update(conversations=1, candidates=len(scored), unscored=unscored,
+                               failed_grades=sum(s.failed for s in scored))
+            if cfg.kind == "kto":
+                for s in scored:
+                    label = kto_label(s.score, cfg.graded_desirable_min, cfg.graded_undesirable_max)
+                    if label is None:
+                        self.drop("graded_neutral" if s.score is not None else "ungraded")
+                    else:
+                        self.add(refs, "reference", p, graded=True, completion=[s.message], label=label)
+                continue
+            pair = best_and_worst(scored, cfg.grade_margin)
+            best = max((s for s in scored if s.score is not None), key=lambda s: s.score, default=None)
+            if pair is not None:
+                self.add(refs, "reference", p, graded=True, chosen=[pair[0].message], rejected=[pair[1].message])
+            elif cfg.positives and best is not None and best.score >= cfg.graded_desirable_min:
+                self.add(refs, "reference", p, graded=True, chosen=[best.message], rejected=[best.message])
+            else:
+                self.drop("no_graded_pair", len(refs))
+
+    def candidates(self, caller: str, p: dict[str, Any], known: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The distinct answers (every choice) of `caller`'s logged completions rendered as `p`, oldest first."""
+        logged = self.store.completions_of_conversation(caller, p["conversation_hash"], limit=MAX_LOGGED_CANDIDATES)
+        comps = {c["id"]: c for c in known + logged}
+        out: dict[str, dict[str, Any]] = {}
+        for c in sorted(comps.values(), key=lambda c: (c["created_at"], c["id"])):
+            if c["status_code"] != 200 or not isinstance(c.get("request"), dict) or prompt_of(c) != p:
+                continue
+            for ch in sorted((ch for ch in (c.get("response") or {}).get("choices") or [] if isinstance(ch, dict)),
+                             key=lambda ch: ch.get("index", 0)):
+                m = assistant_message(ch.get("message"))
+                if m is not None:
+                    out.setdefault(canon(m), m)
+        return list(out.values())
 
     # ------------------------------------------------------------ policy
 
@@ -450,7 +433,7 @@ class _Builder:
         cfg, kind = self.cfg, self.cfg.kind
         exs = sorted(self.examples, key=lambda e: e.order)
         for e in exs:
-            e.key = _canon({k: e.row[k] for k in TRL_COLUMNS[kind]})
+            e.key = canon({k: e.row[k] for k in TRL_COLUMNS[kind]})
         if cfg.dedupe:
             seen, kept = set(), []
             for e in exs:  # the oldest copy stays
@@ -472,7 +455,7 @@ class _Builder:
                     kept.append(e)
             exs = kept
         exs = self.cap(exs)
-        held = [_bucket(e.row["conversation_hash"], cfg.split_salt) < cfg.eval_percent for e in exs]
+        held = [bucket(e.row["conversation_hash"], cfg.split_salt) < cfg.eval_percent for e in exs]
         eval_ = [e.row for e, h in zip(exs, held) if h and not is_positive(e.row)]
         # A positive-only row is no held-out pair: it trains, unless its conversation is held out.
         held_convs = {r["conversation_hash"] for r in eval_}
@@ -511,16 +494,21 @@ class _Builder:
         return [e for e in exs if id(e) in keep]
 
 
-def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any = None) -> DatasetBuild:
+def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any = None,
+                  graders: GraderSet | None = None) -> DatasetBuild:
     """Build a DPO or KTO dataset from ``store`` (any rl.schema.LoopStore: the gateway's Store) per ``config``.
 
     ``tokenizer`` (optional, with ``apply_chat_template``) makes ``max_length``
     count real tokens of the rendered chat instead of the chars/4 estimate.
+    ``graders`` grade the answers reference feedback is about (the deployment's; None: the
+    built-in defaults, rl/graders DEFAULT_SPECS).
     """
     cfg = config or DatasetConfig()
-    b = _Builder(cfg, tokenizer_length(tokenizer) if tokenizer is not None else char_length)
+    b = _Builder(cfg, tokenizer_length(tokenizer) if tokenizer is not None else char_length, store,
+                 graders if graders is not None else build_graders())
     fbs = b.select(store.iter_feedback_with_completions(since=cfg.since))
-    (b.dpo if cfg.kind == "dpo" else b.kto)(fbs)
+    (b.dpo if cfg.kind == "dpo" else b.kto)([f for f in fbs if f["type"] != "reference"])
+    b.reference([f for f in fbs if f["type"] == "reference"])
     train, eval_ = b.finish()
     rows = train + eval_
     stats: dict[str, Any] = {
@@ -528,6 +516,7 @@ def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any 
         "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
         "per_caller": dict(sorted(Counter(r["caller"] for r in rows).items())),
         "dropped": dict(sorted(b.dropped.items())),
+        "graded": {k: b.graded[k] for k in ("conversations", "candidates", "unscored", "failed_grades")},
     }
     weights = (1.0, 1.0)
     if cfg.kind == "kto":

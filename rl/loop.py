@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from agentloop.rl.datasets import DatasetConfig, build_dataset
 from agentloop.rl.dpo import DPOJobConfig
 from agentloop.rl.gate import GateConfig, decide, load_regression_set, tool_validity
+from agentloop.rl.graders import GraderSet
 from agentloop.rl.job import read_events, start_job
 from agentloop.rl.registry import AdapterRegistry, VersionNotFound
 from agentloop.rl.versions import alias_of, is_base, served_name
@@ -111,8 +112,9 @@ class LoopHooks(Protocol):
 
 class Iteration:
     def __init__(self, store, registry: AdapterRegistry, *, base_model: str, template: str, hooks: LoopHooks,
-                 config: LoopConfig, work_dir: Path):
+                 config: LoopConfig, work_dir: Path, graders: GraderSet | None = None):
         self.store = store
+        self.graders = graders  # grade the answers reference feedback is about (None: rl/graders defaults)
         self.registry = registry
         self.base_model = base_model
         self.template = template
@@ -172,15 +174,19 @@ class Iteration:
             except VersionNotFound:
                 pass  # no manifest, nothing known to be trained; the job refuses a missing parent itself
         build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(
-            kind=cfg.method, positives=cfg.train_positives, trained_feedback_ids=trained, **common))
+            kind=cfg.method, positives=cfg.train_positives, trained_feedback_ids=trained, **common),
+            graders=self.graders)
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
-            build_dataset, self.store, DatasetConfig(kind="dpo", **common))
+            build_dataset, self.store, DatasetConfig(kind="dpo", **common), graders=self.graders)
         files = await asyncio.to_thread(build.to_jsonl, work / "data")
         gate_files = await asyncio.to_thread(pairs.to_jsonl, work / "gate") if pairs is not build else files
         dataset = {"kind": cfg.method, "train": len(build.train), "eval": len(build.eval),
                    "gate_pairs": len(pairs.eval), "gate_callers": len({r["caller"] for r in pairs.eval}),
                    "untrusted_callers": len(untrusted), "stats": build.stats,
-                   "feedback_ids": len(build.dataset_ids)}
+                   "feedback_ids": len(build.dataset_ids),
+                   # Rows made from grades, and how many answers were graded for them (rl/graded.py).
+                   "graded_rows": sum(r["graded"] for r in build.train + build.eval),
+                   "graded_candidates": build.stats["graded"]["candidates"]}
         await self._save(run_id, dataset=dataset)
         phases["dataset"] = round(time.monotonic() - t, 3)
         if len(build.train) < cfg.min_train_examples:

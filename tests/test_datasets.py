@@ -220,7 +220,7 @@ def test_kto_labels_thresholds_and_corrections(world):
     assert corr == [("right", True), ("wrong", False)]
     assert all(r["feedback_ids"] == [fbs["corr"]["id"]] for r in out.train if r["source"] == "correction")
     assert set(out.train[0]) == {"prompt", "completion", "label", "tools", "chat_template_kwargs",
-                                 "source", "caller", "conversation_hash", "version", "feedback_ids"}
+                                 "source", "caller", "conversation_hash", "version", "feedback_ids", "graded"}
     assert out.stats["desirable"] == 4 and out.stats["undesirable"] == 4
     strict = build(world, kind="kto", rating_desirable_min=5, rating_undesirable_max=1, sources=("rating",))
     assert sorted(r["label"] for r in strict.train) == [False, True]
@@ -431,7 +431,7 @@ def test_to_hf_gives_trl_ready_datasets(world, kind):
     assert isinstance(ds, Dataset) and len(ds) == len(out.train)
     trl_cols = {"dpo": {"prompt", "chosen", "rejected"}, "kto": {"prompt", "completion", "label"}}[kind]
     assert set(ds.column_names) == trl_cols | {"tools", "chat_template_kwargs", "source", "caller",
-                                               "conversation_hash", "version", "feedback_ids"}
+                                               "conversation_hash", "version", "feedback_ids", "graded"}
     with_tools = [r for r in ds if r["tools"] is not None]
     assert with_tools and json.loads(with_tools[0]["tools"]) == TOOLS  # TRL json-decodes string tools
     assert all(isinstance(r["chat_template_kwargs"], dict) for r in ds)  # TRL does **example[...]

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from agentloop.rl.datasets import DatasetConfig, _bucket, build_dataset
+from agentloop.rl.datasets import DatasetConfig, build_dataset
+from agentloop.rl.rows import bucket as _bucket
 from agentloop.rl.gate import GateConfig, decide, summarize
 from agentloop.rl.loop import Iteration, LoopConfig
 from agentloop.rl.schema import conversation_hash

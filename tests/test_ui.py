@@ -373,7 +373,8 @@ def _ensure_run_with_metrics(server) -> None:
             store.add_run_metrics(run["id"], step, {"loss": 0.693 - 0.05 * step, "rewards/margins": 0.04 * step,
                                                     "rewards/accuracies": min(1.0, 0.4 + 0.08 * step)})
         store.update_run(run["id"], status="rejected", parent="v0000",
-                         dataset={"kind": "dpo", "train": 16, "eval": 4, "gate_pairs": 4},
+                         dataset={"kind": "dpo", "train": 16, "eval": 4, "gate_pairs": 4, "graded_rows": 6,
+                                  "graded_candidates": 14},
                          gate={"passed": False, "preference": {"candidate": {"accuracy": 0.5, "n": 4},
                                                                "live": {"accuracy": 0.5, "n": 4}},
                                "tool_validity": {"candidate": {"validity": 1.0}, "live": {"validity": 1.0}}},
@@ -427,6 +428,8 @@ def test_dashboard_login_versions_charts_and_confirmed_actions(gateway, server, 
     expect(page.locator("#thumbs-table")).to_contain_text("v0000")
     expect(page.locator("#grades-table")).to_contain_text("reference_text")
     expect(page.locator("#runs-table tbody tr").first).not_to_contain_text("No training runs")
+    # A run says how many of its rows came from grades and how many answers were graded for them.
+    expect(page.locator("#runs-table tbody tr td.graded").first).to_have_text(re.compile(r"^\d+ / \d+$"))
     shot(page, "dashboard.png")
 
     # Every action is confirmed first: dismissing changes nothing.

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 
+from agentloop.rl.graders import GraderSet
 from agentloop.rl.loop import Iteration, LoopConfig
 from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.client import EnginePool
@@ -101,8 +102,10 @@ class GatewayHooks:
 class LoopRunner:
     """Starts iterations on request (admin) or on a schedule, one at a time."""
 
-    def __init__(self, settings: Settings, store: Store, adapters: AdapterManager, pool: EnginePool):
+    def __init__(self, settings: Settings, store: Store, adapters: AdapterManager, pool: EnginePool,
+                 graders: GraderSet | None = None):
         self.settings = settings
+        self.graders = graders  # the deployment's (serve/compose.py): they grade what reference feedback is about
         self.store = store
         self.adapters = adapters
         self.pool = pool
@@ -138,7 +141,7 @@ class LoopRunner:
             raise RunConflict(f"Training run {e.run['id']} is already {e.run['status']}.")
         it = Iteration(self.store, self.adapters.registry, base_model=self.adapters.base_model,
                        template=self.settings.template, hooks=GatewayHooks(self.adapters, self.pool), config=cfg,
-                       work_dir=self.settings.home / "runs")
+                       work_dir=self.settings.home / "runs", graders=self.graders)
         self.task = asyncio.create_task(it.run(run), name=f"run:{run['id']}")
         return run
 
