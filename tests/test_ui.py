@@ -299,8 +299,11 @@ def test_chat_streams_and_every_click_is_feedback(gateway, server, page):
     first = page.locator(".answer").first
     expect(first).to_have_attribute("data-completion-id", re.compile(r"^chatcmpl-"))
     expect(first.locator(".content")).to_have_text(GREETING)
-    assert int(first.get_attribute("data-chunks")) > 2  # it arrived in pieces: streamed
+    # It arrived in pieces: streamed. (At least the role and the text: on a loaded machine vLLM merges
+    # the tokens it made while the client was behind into one delta, so a short answer may be one.)
+    assert int(first.get_attribute("data-chunks")) >= 2
     cid = first.get_attribute("data-completion-id")
+    assert server.wait_row(cid)["stream"]  # the log says so too (written off the response path)
     assert "agentloop@v" in first.locator(".meta").inner_text()
 
     first.locator("button.thumb[data-value='-1']").click()
