@@ -46,9 +46,10 @@ class Scored:
 
 def score_candidates(graders: GraderSet, request: dict[str, Any], candidates: list[dict[str, Any]],
                      reference: dict[str, Any] | None = None) -> list[Scored]:
-    """Each candidate with its grades, in the given order (graders never raise: base.grade_all)."""
-    return [Scored(c, tuple(graders.grade(Case(request=request, candidate=c, reference=reference))))
-            for c in candidates]
+    """Each candidate with its grades, in the given order; a ranking grader (a judge in rank mode) sees
+    them together (graders never raise: base.grade_group)."""
+    grades = graders.grade_group([Case(request=request, candidate=c, reference=reference) for c in candidates])
+    return [Scored(c, tuple(g)) for c, g in zip(candidates, grades)]
 
 
 def best_and_worst(scored: list[Scored], margin: float) -> tuple[Scored, Scored] | None:

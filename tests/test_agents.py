@@ -227,30 +227,48 @@ def test_trajectory_feedback_reaches_the_learning_loop(server):
     a.close()
 
 
-def test_the_agents_tool_outcomes_are_graded_with_no_code_of_its_users(server):
-    """A tool that raised, and one that answered: the gateway grades the calls that made them
-    (tool_outcome) from the results the agent sends back, nothing asked of the agent's user."""
+def _down(city: str) -> dict:
+    raise RuntimeError(f"weather service for {city} is down")
+
+
+def outcomes(server, cid: str) -> list[dict]:
+    """The tool_outcome grades of completion `cid` (recorded off the response path: polled)."""
     import httpx
 
     from tests.conftest import ADMIN_KEY
 
-    def down(city: str) -> dict:
-        raise RuntimeError(f"weather service for {city} is down")
+    deadline = time.monotonic() + 15
+    while True:
+        rows = httpx.get(f"{server.url}/admin/grades", params={"completion_id": cid, "grader": "tool_outcome"},
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()["data"]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
 
-    def outcomes(cid: str) -> list[dict]:
-        deadline = time.monotonic() + 15
-        while True:
-            rows = httpx.get(f"{server.url}/admin/grades", params={"completion_id": cid, "grader": "tool_outcome"},
-                             headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10).json()["data"]
-            if rows or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.1)
 
-    bad = agent(server, registry(down)).run(PARIS)
+def test_the_agents_tool_outcomes_are_graded_with_no_code_of_its_users(server):
+    """A tool that raised, and one that answered: the gateway grades the calls that made them
+    (tool_outcome) from the results the agent sends back, nothing asked of the agent's user."""
+    bad = agent(server, registry(_down)).run(PARIS)
     assert bad.tool_results and bad.tool_results[0].status == "error"
-    (g,) = outcomes(bad.completion_ids[0])
+    (g,) = outcomes(server, bad.completion_ids[0])
     assert g["score"] == 0.0 and "weather service for Paris is down" in g["reason"]
     good = agent(server, registry()).run(PARIS)
     assert good.tool_results and good.tool_results[0].status != "error"
-    (g,) = outcomes(good.completion_ids[0])
+    (g,) = outcomes(server, good.completion_ids[0])
+    assert g["score"] == 1.0 and "get_weather answered" in g["reason"]
+
+
+def test_the_chatbots_tool_outcomes_are_graded_with_no_code_of_its_users(server):
+    """The same for the retry-wrapped Chatbot's tool rounds (agents/chatbot.py)."""
+    from agentloop.agents.chatbot import Chatbot
+
+    bot = Chatbot(server.url, "test-key", policy=None, tools=registry(_down), use_tools=True, max_tokens=64)
+    bad = bot.ask(PARIS)
+    assert bad.tool_results and not bad.tool_results[0].ok
+    (g,) = outcomes(server, bad.completion_ids[0])
+    assert g["score"] == 0.0 and "weather service for Paris is down" in g["reason"]
+    good = Chatbot(server.url, "test-key", policy=None, tools=registry(), use_tools=True, max_tokens=64).ask(PARIS)
+    assert good.tool_results and good.tool_results[0].ok
+    (g,) = outcomes(server, good.completion_ids[0])
     assert g["score"] == 1.0 and "get_weather answered" in g["reason"]

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from agentloop.rl.graders import Case, build_graders
+from agentloop.rl.graded import best_and_worst, score_candidates
+from agentloop.rl.graders import Case, GraderConfigError, build_graders
 from agentloop.rl.graders.judge import render_prompt
 
 ASK = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -122,3 +123,69 @@ def test_the_deployments_own_engine_judges(server):
     (g,) = gs.grade(Case(ASK, ANSWER))
     # The tiny test model's opinion is noise, but it is well-formed: a score in [0, 1] and a reason.
     assert g.status == "ok" and 0.0 <= g.score <= 1.0 and g.reason.startswith(f"judge {model}:"), g
+
+
+# ---------------------------------------------------------------- rank mode
+
+ANSWERS = [{"role": "assistant", "content": "Paris."}, {"role": "assistant", "content": "Lyon."},
+           {"role": "assistant", "content": "It is Paris, on the Seine."}]
+
+
+def test_a_ranking_judge_scores_all_answers_in_one_call(judge):
+    judge.content = json.dumps({"scores": [9, 1, 10], "reason": "the third is complete, the second wrong"})
+    gs = build_graders([{"type": "judge", "mode": "rank", "base_url": judge.url, "model": "judge-model"},
+                        {"type": "string_check", "name": "exact", "operation": "eq", "value": "Paris."}])
+    scored = score_candidates(gs, ASK, ANSWERS, {"role": "assistant", "content": "Paris"})
+    assert len(judge.bodies) == 1  # one prompt for the three answers
+    assert [[(g.grader, g.score) for g in s.grades] for s in scored] == [
+        [("judge", 0.9), ("exact", 1.0)], [("judge", 0.1), ("exact", 0.0)], [("judge", 1.0), ("exact", 0.0)]]
+    assert scored[2].grades[0].reason == "judge judge-model, ranked 3 of 3 (10/10): the third is complete, the second wrong"
+    best, worst = best_and_worst(scored, 0.25)
+    assert best is scored[0] and worst is scored[1]  # (0.9 + 1) / 2 beats (1.0 + 0) / 2
+    schema = judge.bodies[0]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["scores"]["minItems"] == schema["properties"]["scores"]["maxItems"] == 3
+    prompt = judge.bodies[0]["messages"][0]["content"]
+    assert "comparing 3 answers" in prompt and "Answer 2:\nLyon." in prompt and "known to be good:\nParis" in prompt
+    # One answer (POST /admin/grade) is ranked by itself: the same prompt, a list of one.
+    judge.content = json.dumps({"scores": [7], "reason": "fine"})
+    (g,) = gs.grade(Case(ASK, ANSWERS[0]))[:1]
+    assert (g.score, g.status) == (0.7, "ok") and "ranked 1 of 1" in g.reason
+    assert judge.bodies[-1]["response_format"]["json_schema"]["schema"]["properties"]["scores"]["maxItems"] == 1
+
+
+@pytest.mark.parametrize("content, needle", [
+    (json.dumps({"scores": [9, 1], "reason": "x"}), "scored 2 of 3"),
+    (json.dumps({"scores": [9, 1, 42], "reason": "x"}), "not in 0..10"),
+    (json.dumps({"score": 9, "reason": "x"}), "no JSON scores"),
+    ("[9, 1, 4]", "no JSON scores"),
+])
+def test_a_ranking_judge_that_answers_garbage_fails_each_grade_and_nothing_else(judge, content, needle):
+    judge.content = content
+    gs = build_graders([{"type": "judge", "mode": "rank", "base_url": judge.url, "model": "m"},
+                        {"type": "string_check", "name": "exact", "operation": "eq", "value": "Paris."}])
+    scored = score_candidates(gs, ASK, ANSWERS)
+    for s in scored:
+        judged, exact = s.grades
+        assert judged.status == "failed" and judged.score is None and needle in judged.reason, judged
+        assert exact.status == "ok"  # the other grader's grades stand
+    assert [s.score for s in scored] == [1.0, 0.0, 0.0]
+
+
+def test_rank_mode_is_checked():
+    with pytest.raises(GraderConfigError, match="mode"):
+        build_graders([{"type": "judge", "mode": "vote"}])
+    (d,) = build_graders([{"type": "judge", "mode": "rank"}]).describe()
+    assert d["mode"] == "rank" and d["prompt"] == "judge_rank"
+    assert build_graders([{"type": "judge"}]).describe()[0]["prompt"] == "judge_score"
+
+
+def test_the_deployments_own_engine_ranks(server):
+    """Rank mode on the session's real engine: one constrained answer with one score per candidate."""
+    with httpx.Client(base_url=server.engine_url) as c:
+        model = c.get("/v1/models").json()["data"][0]["id"]
+    gs = build_graders([{"type": "judge", "mode": "rank", "max_tokens": 512}],
+                       served=lambda: (f"{server.engine_url}/v1", model))
+    scored = score_candidates(gs, ASK, ANSWERS[:2])
+    # The tiny model's opinion is noise, but well-formed: two scores in [0, 1] from one answer.
+    assert all(s.grades[0].status == "ok" and 0.0 <= s.score <= 1.0 for s in scored), [s.grades for s in scored]
+    assert "ranked 2 of 2" in scored[1].grades[0].reason

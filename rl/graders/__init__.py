@@ -10,7 +10,8 @@ message, and returns a score in [0, 1] with a reason (`base.py`: `Case`, `Grader
 - `python` (python.py): a function the deployment names (`module:function`), in a worker process,
   with a timeout;
 - `judge` (judge.py): an OpenAI-compatible model scores the answer 0..10 (a prompt template in
-  templates/), by default the deployment's own engine and live version.
+  templates/), by default the deployment's own engine and live version; with `mode: "rank"` it
+  scores several answers to one request together, relative to each other (`grade_group`).
 Beside them, `outcomes.py`: a tool's result sent back in the next request grades the call that
 produced it (`tool_outcome`: 0 when the result reports an error, else 1), with no grader to set up.
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentloop.rl.graders.base import GRADE_STATUSES, Case, Grade, Grader, GraderConfigError, GraderSet, grade_all
+from agentloop.rl.graders.base import (
+    GRADE_STATUSES, Case, Grade, Grader, GraderConfigError, GraderSet, grade_all, grade_group,
+)
 from agentloop.rl.graders.calls import ReferenceCallGrader, ToolSchemaGrader, normalize_string, same_value
 from agentloop.rl.graders.judge import JudgeGrader, Served
 from agentloop.rl.graders.outcomes import ToolOutcome, new_tool_outcomes, reports_error
@@ -35,7 +38,7 @@ from agentloop.rl.graders.text import RegexGrader, StringCheckGrader
 
 __all__ = [
     "BUILT_IN", "DEFAULT_SPECS", "GRADE_STATUSES", "Case", "Grade", "Grader", "GraderConfigError", "GraderSet",
-    "ToolOutcome", "build_graders", "grade_all", "new_tool_outcomes", "normalize_string", "reports_error",
+    "ToolOutcome", "build_graders", "grade_all", "grade_group", "new_tool_outcomes", "normalize_string", "reports_error",
     "same_value",
 ]
 

@@ -6,7 +6,9 @@ reference assistant message ("grade against this": reference feedback, or the bo
 `POST /admin/grade`). A `Grader` says whether it applies to a case and scores it; `grade_all`
 runs every grader that applies and never raises: a grader that raises, or returns a score that
 is not a number in [0, 1], gives a grade with status "failed" and the reason, and the other
-graders' grades stand.
+graders' grades stand. `grade_group` grades several candidates to one request: a grader that
+`ranks` (a judge in rank mode) sees them together in one call and scores them relative to each
+other; the others score each alone. A ranking grader's failure fails its grade of every candidate.
 
 Invariant: pure Python, no I/O of its own (a grader that needs some, like a judge model, does
 it inside `score`); graders are immutable after construction, so one set serves every thread.
@@ -59,6 +61,7 @@ class Grader(ABC):
     type: ClassVar[str]
     version: ClassVar[str] = "1"
     fields: ClassVar[frozenset[str]] = frozenset()
+    ranks: bool = False  # True: `score_group` judges the candidates together (not each alone)
 
     def __init__(self, name: str | None = None):
         self.name = name or self.type
@@ -69,6 +72,11 @@ class Grader(ABC):
     @abstractmethod
     def score(self, case: Case) -> tuple[float, str]:
         """(score in [0, 1], reason). May raise: the grade is then recorded as failed."""
+
+    def score_group(self, cases: list[Case]) -> list[tuple[float, str]]:
+        """(score, reason) of each case, all with one request and different candidates. The default
+        scores each alone; a grader that `ranks` overrides it to see them together. May raise."""
+        return [self.score(c) for c in cases]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "version": self.version, **self.options()}
@@ -92,6 +100,9 @@ class GraderSet:
     def grade(self, case: Case) -> list[Grade]:
         return grade_all(self.graders, case)
 
+    def grade_group(self, cases: list[Case]) -> list[list[Grade]]:
+        return grade_group(self.graders, cases)
+
     def close(self) -> None:
         for g in self.graders:
             g.close()
@@ -101,20 +112,57 @@ def _failed(g: Grader, reason: str) -> Grade:
     return Grade(g.name, g.type, g.version, None, reason[:1000], "failed")
 
 
+def _checked(g: Grader, result: Any) -> Grade:
+    """The grade of what `score` returned: a (score in [0, 1], reason) pair, else a failed grade."""
+    if not isinstance(result, tuple) or len(result) != 2:
+        return _failed(g, f"returned {str(result)[:200]!r}, not (score, reason)")
+    score, reason = result
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
+            or not 0.0 <= score <= 1.0:
+        return _failed(g, f"score {score!r} is not a number in [0, 1]")
+    return Grade(g.name, g.type, g.version, float(score), str(reason)[:1000])
+
+
+def _applies(g: Grader, case: Case) -> bool | Exception:
+    try:
+        return bool(g.applies(case))
+    except Exception as e:  # noqa: BLE001 - a grader's failure is its grade, not ours
+        return e
+
+
 def grade_all(graders: list[Grader], case: Case) -> list[Grade]:
     """Every applicable grader's grade for `case`; never raises."""
-    out = []
+    return grade_group(graders, [case])[0]
+
+
+def grade_group(graders: list[Grader], cases: list[Case]) -> list[list[Grade]]:
+    """Every applicable grader's grades for each of `cases` (one request, several candidates), in
+    the graders' order per case; never raises. A ranking grader is asked once for all the cases it
+    applies to; a result of the wrong length fails its grade of each."""
+    out: list[list[Grade]] = [[] for _ in cases]
     for g in graders:
-        try:
-            if not g.applies(case):
-                continue
-            score, reason = g.score(case)
-        except Exception as e:  # noqa: BLE001 - a grader's failure is its grade, not ours
-            out.append(_failed(g, f"{type(e).__name__}: {e}"))
+        applies = [_applies(g, c) for c in cases]
+        for i, a in enumerate(applies):
+            if isinstance(a, Exception):
+                out[i].append(_failed(g, f"{type(a).__name__}: {a}"))
+        idx = [i for i, a in enumerate(applies) if a is True]
+        if not idx:
             continue
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
-                or not 0.0 <= score <= 1.0:
-            out.append(_failed(g, f"score {score!r} is not a number in [0, 1]"))
-            continue
-        out.append(Grade(g.name, g.type, g.version, float(score), str(reason)[:1000]))
+        if g.ranks:
+            try:
+                results = g.score_group([cases[i] for i in idx])
+                if not isinstance(results, list) or len(results) != len(idx):
+                    raise ValueError(f"scored {len(results) if isinstance(results, list) else results!r} "
+                                     f"of {len(idx)} candidates")
+            except Exception as e:  # noqa: BLE001 - a grader's failure is its grade, not ours
+                results = [e] * len(idx)
+        else:
+            results = []
+            for i in idx:
+                try:
+                    results.append(g.score(cases[i]))
+                except Exception as e:  # noqa: BLE001
+                    results.append(e)
+        for i, r in zip(idx, results):
+            out[i].append(_failed(g, f"{type(r).__name__}: {r}") if isinstance(r, Exception) else _checked(g, r))
     return out
