@@ -40,7 +40,7 @@ from typing import Any, Iterable
 from agentloop.rl.graded import best_and_worst, kto_label, score_candidates
 from agentloop.rl.graders import GraderSet, build_graders
 from agentloop.rl.rows import (  # noqa: F401 - template_kwargs, is_positive, kto_weights: this module's API too
-    assistant_message, bucket, canon, char_length, choice_message, is_positive, kto_weights, prompt_of,
+    assistant_message, bucket, canon, char_length, choice_message, group_key, is_positive, kto_weights, prompt_of,
     template_kwargs, tokenizer_length,
 )
 
@@ -221,11 +221,13 @@ class _Ex:
 
 
 class _Builder:
-    def __init__(self, config: DatasetConfig, length, store=None, graders: GraderSet | None = None) -> None:
+    def __init__(self, config: DatasetConfig, length, store=None, graders: GraderSet | None = None,
+                 samples: dict[tuple, list[dict[str, Any]]] | None = None) -> None:
         self.cfg = config
         self.length = length
         self.store = store
         self.graders = graders
+        self.samples = samples or {}  # group key -> answers sampled from the live version (rl/sampling.py)
         self.graded: Counter = Counter()  # conversations and candidates graded, candidates no grader scored
         self.dropped: Counter = Counter()
         self.examples: list[_Ex] = []
@@ -382,7 +384,7 @@ class _Builder:
         for fb in fbs:
             if self.usable(fb["completion"]):
                 p = prompt_of(fb["completion"])
-                groups[(fb["caller"], p["conversation_hash"], canon(p["chat_template_kwargs"]))].append((fb, p))
+                groups[group_key(fb["caller"], p)].append((fb, p))
         for key in sorted(groups):
             refs = [fb for fb, _ in groups[key]]
             fb, p = groups[key][-1]  # oldest first: the caller's newest word on the conversation
@@ -390,10 +392,13 @@ class _Builder:
             if reference is None:
                 self.drop("unusable_completion", len(refs))
                 continue
-            scored = score_candidates(self.graders, fb["completion"]["request"],
-                                      self.candidates(fb["caller"], p, [f["completion"] for f in refs]), reference)
+            logged = self.candidates(fb["caller"], p, [f["completion"] for f in refs])
+            seen = {canon(m) for m in logged}
+            sampled = [m for m in (assistant_message(x) for x in self.samples.get(key, [])) if m is not None]
+            sampled = list({canon(m): m for m in sampled if canon(m) not in seen}.values())
+            scored = score_candidates(self.graders, fb["completion"]["request"], logged + sampled, reference)
             unscored = sum(s.score is None for s in scored)
-            self.graded.update(conversations=1, candidates=len(scored), unscored=unscored,
+            self.graded.update(conversations=1, candidates=len(scored), sampled=len(sampled), unscored=unscored,
                                failed_grades=sum(s.failed for s in scored))
             if cfg.kind == "kto":
                 for s in scored:
@@ -495,17 +500,18 @@ class _Builder:
 
 
 def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any = None,
-                  graders: GraderSet | None = None) -> DatasetBuild:
+                  graders: GraderSet | None = None, samples: dict[tuple, list[dict]] | None = None) -> DatasetBuild:
     """Build a DPO or KTO dataset from ``store`` (any rl.schema.LoopStore: the gateway's Store) per ``config``.
 
     ``tokenizer`` (optional, with ``apply_chat_template``) makes ``max_length``
     count real tokens of the rendered chat instead of the chars/4 estimate.
     ``graders`` grade the answers reference feedback is about (the deployment's; None: the
-    built-in defaults, rl/graders DEFAULT_SPECS).
+    built-in defaults, rl/graders DEFAULT_SPECS). ``samples`` (rl/sampling.py: group key -> answers
+    of the live version) join the logged answers of those conversations as graded candidates.
     """
     cfg = config or DatasetConfig()
     b = _Builder(cfg, tokenizer_length(tokenizer) if tokenizer is not None else char_length, store,
-                 graders if graders is not None else build_graders())
+                 graders if graders is not None else build_graders(), samples)
     fbs = b.select(store.iter_feedback_with_completions(since=cfg.since))
     (b.dpo if cfg.kind == "dpo" else b.kto)([f for f in fbs if f["type"] != "reference"])
     b.reference([f for f in fbs if f["type"] == "reference"])
@@ -516,7 +522,7 @@ def build_dataset(store, config: DatasetConfig | None = None, *, tokenizer: Any 
         "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
         "per_caller": dict(sorted(Counter(r["caller"] for r in rows).items())),
         "dropped": dict(sorted(b.dropped.items())),
-        "graded": {k: b.graded[k] for k in ("conversations", "candidates", "unscored", "failed_grades")},
+        "graded": {k: b.graded[k] for k in ("conversations", "candidates", "sampled", "unscored", "failed_grades")},
     }
     weights = (1.0, 1.0)
     if cfg.kind == "kto":

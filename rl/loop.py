@@ -37,6 +37,7 @@ from agentloop.rl.gate import GateConfig, decide, load_regression_set, tool_vali
 from agentloop.rl.graders import GraderSet
 from agentloop.rl.job import read_events, start_job
 from agentloop.rl.registry import AdapterRegistry, VersionNotFound
+from agentloop.rl.sampling import SamplingConfig, sample, sampling_prompts
 from agentloop.rl.versions import alias_of, is_base, served_name
 
 log = logging.getLogger("agentloop.loop")
@@ -67,6 +68,9 @@ class LoopConfig:
         "help": "DPO: train on thumbs-up answers that have no thumbs-down to pair with, through the NLL term "
                 "(rl/datasets.py DatasetConfig.positives); only when the job's sft_weight is > 0."})
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": "The promotion gate."})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={
+        "help": "On-policy samples (rl/sampling.py): for each training conversation with reference feedback, k "
+                "answers of the live version, graded with the logged ones; k=0 turns it off."})
     min_new_feedback: int = field(default=32, metadata={"help": "Scheduler: new feedback that triggers a run."})
     period_seconds: float = field(default=24 * 3600, metadata={
         "help": "Scheduler: also run when this much time passed since the last run and any feedback is new."})
@@ -74,6 +78,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if isinstance(self.gate, dict):
             self.gate = GateConfig(**self.gate)
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
         if self.method not in ("dpo", "kto"):
             raise ValueError("method must be 'dpo' or 'kto'")
         if self.train_on not in ("all", "new"):
@@ -107,6 +113,7 @@ class LoopHooks(Protocol):
     async def load_candidate(self, version: str) -> str: ...   # returns the served name
     async def unload(self, name: str) -> None: ...
     async def chat(self, body: dict) -> dict: ...
+    async def sample(self, body: dict, version: str) -> dict: ...  # through the chat path, unlogged
     async def promote(self, version: str, reason: str) -> None: ...
 
 
@@ -173,9 +180,11 @@ class Iteration:
                 trained = tuple(await asyncio.to_thread(self.registry.trained_feedback_ids, live))
             except VersionNotFound:
                 pass  # no manifest, nothing known to be trained; the job refuses a missing parent itself
+        samples, sampling = await self._sample(live, common, trained)
+        phases["sampling"] = sampling["seconds"]
         build = await asyncio.to_thread(build_dataset, self.store, DatasetConfig(
             kind=cfg.method, positives=cfg.train_positives, trained_feedback_ids=trained, **common),
-            graders=self.graders)
+            graders=self.graders, samples=samples)
         pairs = build if cfg.method == "dpo" else await asyncio.to_thread(
             build_dataset, self.store, DatasetConfig(kind="dpo", **common), graders=self.graders)
         files = await asyncio.to_thread(build.to_jsonl, work / "data")
@@ -186,9 +195,9 @@ class Iteration:
                    "feedback_ids": len(build.dataset_ids),
                    # Rows made from grades, and how many answers were graded for them (rl/graded.py).
                    "graded_rows": sum(r["graded"] for r in build.train + build.eval),
-                   "graded_candidates": build.stats["graded"]["candidates"]}
+                   "graded_candidates": build.stats["graded"]["candidates"], "sampling": sampling}
         await self._save(run_id, dataset=dataset)
-        phases["dataset"] = round(time.monotonic() - t, 3)
+        phases["dataset"] = round(time.monotonic() - t - sampling["seconds"], 3)
         if len(build.train) < cfg.min_train_examples:
             return await self._save(run_id, status="failed", reason=(
                 f"not enough {'new ' if trained else ''}training data: {len(build.train)} examples "
@@ -243,6 +252,18 @@ class Iteration:
         await self.hooks.promote(version, f"{run_id}: {reason}")
         phases["promotion"] = round(time.monotonic() - t, 3)
         return await self._save(run_id, status="promoted", reason=reason, result=result)
+
+    async def _sample(self, live: str, common: dict, trained: tuple[str, ...]) -> tuple[dict, dict]:
+        """Answers of the live version to the training conversations with references (rl/sampling.py)."""
+        cfg = self.cfg.sampling
+        if cfg.k == 0:
+            return {}, {"prompts": 0, "answers": 0, "failed": 0, "seconds": 0.0}
+        t = time.monotonic()
+        prompts = await asyncio.to_thread(
+            sampling_prompts, self.store, cfg, eval_percent=common["eval_percent"],
+            exclude_callers=common["exclude_callers"], trained_feedback_ids=trained)
+        samples, stats = await sample(prompts, lambda body: self.hooks.sample(body, live), cfg)
+        return samples, {**stats, "seconds": round(time.monotonic() - t, 3)}
 
     async def _train(self, run_id: str, spec: dict, work: Path) -> tuple[str | None, dict]:
         work.mkdir(parents=True, exist_ok=True)

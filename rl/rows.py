@@ -70,6 +70,11 @@ def prompt_of(completion: dict[str, Any]) -> dict[str, Any]:
             "conversation_hash": completion.get("conversation_hash") or conversation_hash(req)}
 
 
+def group_key(caller: str, p: dict[str, Any]) -> tuple[str, str, str]:
+    """One caller's conversation as rendered (`prompt_of`): the answers graded against each other."""
+    return caller, p["conversation_hash"], canon(p["chat_template_kwargs"])
+
+
 def canon(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 

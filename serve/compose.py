@@ -107,12 +107,12 @@ class Gateway:
         self.spawn(access.run())  # re-reads the keys every keys_refresh_seconds
         self.writer = LogWriter(self.store, maxsize=s.log_queue_size)
         graders = build_graders(s.graders, served=self._served)  # one set: grading and the loop's datasets
-        self.loop = LoopRunner(s, self.store, self.adapters, self.pool, graders=graders)
-        await asyncio.to_thread(self.loop.recover)
         self.grading = Grading(self.store, graders, flush=self.writer.flush)
         self.chat = ChatService(self.router, self.pool, self.writer, self.metrics, spawn=self.spawn,
                                 tool_outcomes=self.grading.record_tool_outcomes,
                                 thinking=thinking_budgets(s))
+        self.loop = LoopRunner(s, self.store, self.adapters, self.pool, graders=graders, generate=self.chat.generate)
+        await asyncio.to_thread(self.loop.recover)
         await self.pool.start()
         if self.boot is not None:
             self.spawn(self.boot.run())

@@ -118,3 +118,23 @@ def test_the_context_is_the_smallest_ready_engines(parts):
     engine.max_model_len = None
     asyncio.run(service.create({"model": "agentloop", "messages": MSG}, caller="c", max_tokens_ceiling=4096))
     assert engine.bodies[0]["max_tokens"] == 4096
+
+
+def test_generate_serves_a_pinned_version_through_the_chat_path_unlogged(parts):
+    """The loop's samples (ChatService.generate): the engine body is the chat path's, the answer is
+    fixed like a user's, the version's in-flight count is released, and nothing is logged."""
+    service, store, writer, router, engine = parts
+    resp = asyncio.run(service.generate({"model": "ignored", "messages": MSG, "n": 3, "temperature": 1.0,
+                                         "stream": True, "reasoning_effort": "low"}, model="agentloop@v0001"))
+    sent = engine.bodies[-1]
+    assert sent["model"] == "agentloop@v0001" and sent["n"] == 3 and sent["stream"] is False
+    assert sent["chat_template_kwargs"] == {"enable_thinking": True} and "reasoning_effort" not in sent
+    msg = resp["choices"][0]["message"]
+    assert msg["content"] == "Hi there" and msg["reasoning_content"] == "think" and resp["id"].startswith("chatcmpl-")
+    assert router.inflight == {}
+    assert writer.flush() and store.count_completions() == 0
+    with pytest.raises(InvalidRequest):
+        asyncio.run(service.generate({"messages": MSG, "temperature": "hot"}, model="agentloop@v0001"))
+    with pytest.raises(ModelNotFound):
+        asyncio.run(service.generate({"messages": MSG}, model="agentloop@v0042"))
+    assert router.inflight == {} and store.count_completions() == 0

@@ -69,7 +69,8 @@ def test_reference_feedback_alone_builds_graded_dpo_pairs(world):
     w = weather_world(world)
     out = build(world)
     assert out.stats["by_source"] == {"reference": 2} and out.eval == []
-    assert out.stats["graded"] == {"conversations": 2, "candidates": 5, "unscored": 0, "failed_grades": 0}
+    assert out.stats["graded"] == {"conversations": 2, "candidates": 5, "sampled": 0, "unscored": 0,
+                                     "failed_grades": 0}
     weather, water = sorted(out.train, key=lambda r: r["prompt"][0]["content"], reverse=True)
     # Best (the right call: schema and reference match) against worst (a text answer where a call was
     # wanted); the wrong city (schema valid, reference not: 0.5) is between. Alice's answers only.
@@ -141,7 +142,8 @@ def test_failed_grades_leave_an_answer_unscored_not_worse(world):
     world.feedback("reference", refused, reference=call("Nice"))
     out = build(world, graders=GraderSet([Flaky()]))
     assert out.train == [] and out.stats["dropped"] == {"no_graded_pair": 1}
-    assert out.stats["graded"] == {"conversations": 1, "candidates": 2, "unscored": 1, "failed_grades": 1}
+    assert out.stats["graded"] == {"conversations": 1, "candidates": 2, "sampled": 0, "unscored": 1,
+                                     "failed_grades": 1}
     kto = build(world, kind="kto", graders=GraderSet([Flaky()]))
     assert [r["label"] for r in kto.train] == [True] and kto.stats["dropped"] == {"ungraded": 1}
     # The deployment's defaults score both: a pair.

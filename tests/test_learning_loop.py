@@ -84,7 +84,7 @@ def test_one_iteration_learns_the_users_preference(server):
         assert run["metrics"] and "loss" in run["metrics"][0]
         assert run["dataset"]["train"] >= 4
         phases = run["result"]["phase_seconds"]  # where the iteration's time went
-        assert set(phases) == {"dataset", "train_job", "gate", "promotion"} and all(v >= 0 for v in phases.values())
+        assert set(phases) == {"sampling", "dataset", "train_job", "gate", "promotion"} and all(v >= 0 for v in phases.values())
         assert phases["train_job"] >= run["result"]["train_seconds"]
         # The preference check ran inside the training job, on the model it had loaded.
         assert gate["seconds"]["preference"] > 0 and "gate_preference" not in run["result"]

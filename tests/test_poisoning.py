@@ -128,6 +128,8 @@ class Hooks:
         self.live = "v0000"
         self.promoted: list[str] = []
         self.loaded: list[str] = []
+        self.samples: list[str] = []  # what sampling answers (none: no choices)
+        self.sampled: list[tuple[dict, str]] = []
 
     def live_version(self) -> str:
         return self.live
@@ -142,12 +144,18 @@ class Hooks:
     async def chat(self, body: dict) -> dict:
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "no tool today"}}]}
 
+    async def sample(self, body: dict, version: str) -> dict:
+        """The live version's answers for on-policy sampling: `samples`, cycled to the n asked."""
+        self.sampled.append((body, version))
+        answers = [self.samples[i % len(self.samples)] for i in range(body["n"])] if self.samples else []
+        return {"choices": [{"index": i, "message": {"role": "assistant", "content": a}} for i, a in enumerate(answers)]}
+
     async def promote(self, version: str, reason: str) -> None:
         self.promoted.append(version)
         self.live = version
 
 
-def iterate(home: Path, tiny_model: Path | None, params: dict) -> tuple[dict, Hooks, object]:
+def iterate(home: Path, tiny_model: Path | None, params: dict, setup=None) -> tuple[dict, Hooks, object]:
     from agentloop.rl.registry import AdapterRegistry
     from agentloop.rl.zero_adapter import write_zero_adapter
 
@@ -155,6 +163,8 @@ def iterate(home: Path, tiny_model: Path | None, params: dict) -> tuple[dict, Ho
     if tiny_model is not None:
         write_zero_adapter(tiny_model, registry.root / "v0000")
     hooks = Hooks()
+    if setup is not None:
+        setup(hooks)  # e.g. what the live version answers when sampled
     with Store(db_url(home)) as store:
         run = store.create_run(method="dpo", trigger="admin", promote=True, params=params)
         it = Iteration(store, registry, base_model=str(tiny_model), template="chatml-tools", hooks=hooks,

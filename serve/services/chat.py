@@ -176,6 +176,29 @@ class ChatService:
             return ChatResult(id=cid, response=resp)
         return ChatResult(id=cid, events=self._relay(req, cid, version, agen, first, t0, finish))
 
+    async def generate(self, body: dict[str, Any], *, model: str) -> dict[str, Any]:
+        """An unlogged, non-streamed completion of `body` by `model` (a served name such as
+        'agentloop@v0003'): the learning loop's samples. The same validation, engine body and
+        answer fixing as `create`, so a sample is what a user would have been served; not logged
+        (a sample is training material, not a user's exchange) and not in the user metrics; the
+        version's in-flight count covers it, so a version being replaced drains it too."""
+        body = {**body, "model": model, "stream": False}
+        body.pop("stream_options", None)
+        req = protocol.validate(body)
+        version = self.resolve(model)
+        self.router.acquire(version)
+        try:
+            ebody = protocol.prepare(body, req, version.name, self.thinking)
+            ebody["_request_id"] = protocol.new_completion_id()[0]
+            agen = self.pool.chat(ebody)
+            try:
+                first = await agen.__anext__()
+            finally:
+                await agen.aclose()
+            return protocol.fix_response(first, protocol.new_completion_id()[1], req)
+        finally:
+            self.router.release(version)
+
     async def _relay(self, req: protocol.ChatRequest, cid: str, version: Version, agen, first, t0: float,
                      finish) -> AsyncIterator[str]:
         wants_usage = bool((req.stream_options or {}).get("include_usage"))

@@ -21,9 +21,11 @@ import logging
 import os
 import socket
 import time
+from typing import Awaitable, Callable
 
 from agentloop.rl.graders import GraderSet
 from agentloop.rl.loop import Iteration, LoopConfig
+from agentloop.rl.versions import served_name
 from agentloop.serve.engine.adapters import AdapterManager
 from agentloop.serve.engine.client import EnginePool
 from agentloop.serve.errors import AgentloopError, EngineUnavailable, InvalidRequest
@@ -32,6 +34,7 @@ from agentloop.serve.store.db import Store
 from agentloop.serve.store.runs import ActiveRunExists, owner_id
 
 log = logging.getLogger("agentloop.loop")
+Generate = Callable[..., Awaitable[dict]]  # ChatService.generate(body, model=...)
 
 
 class RunConflict(AgentloopError):
@@ -74,9 +77,12 @@ def run_due(store, cfg: LoopConfig, now: float | None = None) -> tuple[bool, int
 class GatewayHooks:
     """rl.loop.LoopHooks over this gateway's adapter manager and engine pool."""
 
-    def __init__(self, adapters: AdapterManager, pool: EnginePool):
+    def __init__(self, adapters: AdapterManager, pool: EnginePool, generate: Generate | None = None,
+                 alias: str = "agentloop"):
         self.adapters = adapters
         self.pool = pool
+        self.generate = generate  # ChatService.generate: the chat path, unlogged
+        self.alias = alias
 
     def live_version(self) -> str:
         router = self.adapters.router
@@ -95,6 +101,11 @@ class GatewayHooks:
         finally:
             await agen.aclose()
 
+    async def sample(self, body: dict, version: str) -> dict:
+        if self.generate is None:
+            raise EngineUnavailable("This gateway has no chat service to sample with.")
+        return await self.generate(body, model=served_name(self.alias, version))
+
     async def promote(self, version: str, reason: str) -> None:
         await self.adapters.promote(version, reason=reason)
 
@@ -103,8 +114,9 @@ class LoopRunner:
     """Starts iterations on request (admin) or on a schedule, one at a time."""
 
     def __init__(self, settings: Settings, store: Store, adapters: AdapterManager, pool: EnginePool,
-                 graders: GraderSet | None = None):
+                 graders: GraderSet | None = None, generate: Generate | None = None):
         self.settings = settings
+        self.generate = generate  # samples for on-policy learning go through the chat path (ChatService.generate)
         self.graders = graders  # the deployment's (serve/compose.py): they grade what reference feedback is about
         self.store = store
         self.adapters = adapters
@@ -140,7 +152,7 @@ class LoopRunner:
         except ActiveRunExists as e:
             raise RunConflict(f"Training run {e.run['id']} is already {e.run['status']}.")
         it = Iteration(self.store, self.adapters.registry, base_model=self.adapters.base_model,
-                       template=self.settings.template, hooks=GatewayHooks(self.adapters, self.pool), config=cfg,
+                       template=self.settings.template, hooks=GatewayHooks(self.adapters, self.pool, self.generate, self.settings.alias), config=cfg,
                        work_dir=self.settings.home / "runs", graders=self.graders)
         self.task = asyncio.create_task(it.run(run), name=f"run:{run['id']}")
         return run

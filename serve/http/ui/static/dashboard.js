@@ -175,8 +175,8 @@ function renderRuns(runs, details) {
     td(r.id), badge(r.status), td(r.trigger), td(r.method), td(r.version), td(r.parent),
     td(r.dataset ? `${r.dataset.train} / ${r.dataset.eval} / ${r.dataset.gate_pairs ?? "—"}` : "—"),
     // Rows made from grades (reference feedback) and how many answers were graded for them.
-    td(r.dataset?.graded_candidates !== undefined ? `${r.dataset.graded_rows} / ${r.dataset.graded_candidates}` : "—",
-      "graded"),
+    td(r.dataset?.graded_candidates !== undefined ? `${r.dataset.graded_rows} / ${r.dataset.graded_candidates}` +
+      (r.dataset.sampling?.answers ? ` (${r.dataset.sampling.answers} sampled)` : "") : "—", "graded"),
     td(steps.has(r.id) ? steps.get(r.id) : "…"), td(r.reason || "", r.status === "rejected" ? "reason rejected" : "reason"),
     td(fmt.time(r.created_at)))), "No training runs yet.");
   stepChart("chart-loss", details, METRICS.loss, "loss");
