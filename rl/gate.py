@@ -13,6 +13,13 @@ Two checks, both against the version that is live now:
 2. Tool-call validity on a fixed regression set, through the real engine: the
    share of forced tool calls that name an offered tool and whose arguments
    validate against its schema. It must not drop by more than `max_validity_drop`.
+3. Grades on held-out graded prompts (conversations with reference feedback in the
+   held-out split): each version answers each greedily, through the gateway's chat
+   path, and the deployment's graders score the answers against the reference
+   (`graded_check`). The candidate's mean must not fall below the live version's by
+   more than `max_grade_drop`. With too few preference pairs, this check alone
+   decides (reference feedback on one answer makes a graded prompt, not a pair);
+   with neither enough pairs nor enough graded prompts, the candidate is refused.
 
 The preference check needs torch, so it never runs in the gateway's event loop.
 The loop has the training job run it (`score_loaded` on the model the job
@@ -46,6 +53,13 @@ class GateConfig:
         "help": "Fewest held-out preference pairs for the preference check to count; fewer rejects the candidate."})
     max_validity_drop: float = field(default=0.0, metadata={
         "help": "How much tool-call validity (0..1) may drop against the live version."})
+    max_grade_drop: float = field(default=0.0, metadata={
+        "help": "How much the candidate's mean grade (0..1) on the held-out graded prompts may fall below the "
+                "live version's."})
+    min_graded_prompts: int = field(default=2, metadata={
+        "help": "Fewest held-out graded prompts (both versions' answers scored) for the grade check to count."})
+    max_graded_prompts: int = field(default=32, metadata={
+        "help": "At most this many held-out graded prompts answered by each version (newest feedback first)."})
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_accuracy_gain <= 1.0:
@@ -56,6 +70,10 @@ class GateConfig:
             raise ValueError("min_accuracy must be in [0, 1]")
         if not 0.0 <= self.max_validity_drop <= 1.0:
             raise ValueError("max_validity_drop must be in [0, 1]")
+        if not 0.0 <= self.max_grade_drop <= 1.0:
+            raise ValueError("max_grade_drop must be in [0, 1]")
+        if self.min_graded_prompts < 1 or self.max_graded_prompts < 0:
+            raise ValueError("min_graded_prompts must be >= 1 and max_graded_prompts >= 0")
 
 
 def summarize(margins: list[float], callers: list[str]) -> dict:
@@ -159,24 +177,66 @@ async def tool_validity(chat: Callable[[dict], Awaitable[dict]], model: str, cas
     return {"validity": valid / len(cases) if cases else 1.0, "n": len(cases)}
 
 
-def decide(cfg: GateConfig, pref: dict, tools: dict) -> tuple[bool, str]:
+async def graded_check(prompts: list, answer: Callable[[dict, str], Awaitable[dict]], graders,
+                       versions: dict[str, str], max_tokens: int = 256) -> dict:
+    """Mean grade of each version's greedy answer to the held-out graded `prompts` (rl/sampling.py
+    Prompt: request and reference): {name: {"mean", "n"}, "n": prompts both versions were scored
+    on, "unscored": prompts left out}. `answer(body, version)` is LoopHooks.sample; an answer that
+    fails or that no grader scores leaves its prompt out for both versions, never a 0."""
+    from agentloop.rl.graded import score_candidates
+    from agentloop.rl.sampling import SamplingConfig, sampling_body
+
+    greedy = SamplingConfig(k=1, temperature=0.0, max_tokens=max_tokens)
+
+    async def one(p, version: str) -> float | None:
+        try:
+            resp = await answer(sampling_body(p.request, greedy), version)
+            msg = (resp.get("choices") or [{}])[0].get("message")
+        except Exception:  # noqa: BLE001 - an unanswered prompt is left out, for both versions
+            return None
+        if not isinstance(msg, dict):
+            return None
+        return (await asyncio.to_thread(score_candidates, graders, p.request, [msg], p.reference))[0].score
+
+    names = list(versions)
+    scores = await asyncio.gather(*(one(p, versions[n]) for p in prompts for n in names))
+    rows = [scores[i:i + len(names)] for i in range(0, len(scores), len(names))]
+    both = [r for r in rows if None not in r]
+    out: dict[str, Any] = {n: {"mean": sum(r[i] for r in both) / len(both) if both else 0.0, "n": len(both)}
+                           for i, n in enumerate(names)}
+    out.update(n=len(both), unscored=len(rows) - len(both))
+    return out
+
+
+def decide(cfg: GateConfig, pref: dict, tools: dict, grades: dict | None = None) -> tuple[bool, str]:
     cand, live = pref["candidate"], pref["live"]
+    graded = grades is not None and grades["n"] >= cfg.min_graded_prompts
+    notes = []
     if cand["n"] < cfg.min_eval_pairs:
-        return False, f"only {cand['n']} held-out preference pairs (< {cfg.min_eval_pairs})"
-    if cand["accuracy"] < cfg.min_accuracy:
+        if not graded:
+            more = f" and {grades['n']} held-out graded prompts (< {cfg.min_graded_prompts})" if grades else ""
+            return False, f"only {cand['n']} held-out preference pairs (< {cfg.min_eval_pairs}){more}"
+        notes.append(f"{cand['n']} held-out preference pairs: the grades decide")
+    elif cand["accuracy"] < cfg.min_accuracy:
         voices = f" over {cand['callers']} callers" if cand.get("callers") else ""
         return False, (f"preference accuracy {cand['accuracy']:.2f}{voices} (each caller one voice) is below "
                        f"{cfg.min_accuracy:.2f}: most held-out feedback prefers other answers")
-    gain = cand["accuracy"] - live["accuracy"]
-    if gain < cfg.min_accuracy_gain:
+    elif cand["accuracy"] - live["accuracy"] < cfg.min_accuracy_gain:
         return False, (f"preference accuracy {cand['accuracy']:.2f} does not beat live {live['accuracy']:.2f} "
                        f"by {cfg.min_accuracy_gain:.2f}")
+    else:
+        notes.append(f"preference accuracy {cand['accuracy']:.2f} vs live {live['accuracy']:.2f}")
     drop = tools["live"]["validity"] - tools["candidate"]["validity"]
     if drop > cfg.max_validity_drop:
         return False, (f"tool-call validity fell from {tools['live']['validity']:.2f} to "
                        f"{tools['candidate']['validity']:.2f}")
-    return True, (f"preference accuracy {cand['accuracy']:.2f} vs live {live['accuracy']:.2f}; "
-                  f"tool-call validity {tools['candidate']['validity']:.2f} vs {tools['live']['validity']:.2f}")
+    notes.append(f"tool-call validity {tools['candidate']['validity']:.2f} vs {tools['live']['validity']:.2f}")
+    if graded:
+        c, lv = grades["candidate"]["mean"], grades["live"]["mean"]
+        if lv - c > cfg.max_grade_drop:
+            return False, f"held-out grades fell from {lv:.2f} to {c:.2f} over {grades['n']} graded prompts"
+        notes.append(f"held-out grades {c:.2f} vs live {lv:.2f} over {grades['n']} prompts")
+    return True, "; ".join(notes)
 
 
 def main(argv: list[str] | None = None) -> int:

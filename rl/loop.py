@@ -33,12 +33,12 @@ from typing import Any, Protocol
 
 from agentloop.rl.datasets import DatasetConfig, build_dataset
 from agentloop.rl.dpo import DPOJobConfig
-from agentloop.rl.gate import GateConfig, decide, load_regression_set, tool_validity
-from agentloop.rl.graders import GraderSet
+from agentloop.rl.gate import GateConfig, decide, graded_check, load_regression_set, tool_validity
+from agentloop.rl.graders import GraderSet, build_graders
 from agentloop.rl.job import read_events, start_job
 from agentloop.rl.registry import AdapterRegistry, VersionNotFound
 from agentloop.rl.sampling import SamplingConfig, sample, sampling_prompts
-from agentloop.rl.versions import alias_of, is_base, served_name
+from agentloop.rl.versions import alias_of, is_base, served_name, version_of
 
 log = logging.getLogger("agentloop.loop")
 
@@ -121,7 +121,8 @@ class Iteration:
     def __init__(self, store, registry: AdapterRegistry, *, base_model: str, template: str, hooks: LoopHooks,
                  config: LoopConfig, work_dir: Path, graders: GraderSet | None = None):
         self.store = store
-        self.graders = graders  # grade the answers reference feedback is about (None: rl/graders defaults)
+        # Grade the answers reference feedback is about, and the gate's held-out graded prompts.
+        self.graders = graders if graders is not None else build_graders()
         self.registry = registry
         self.base_model = base_model
         self.template = template
@@ -232,7 +233,7 @@ class Iteration:
         try:
             if pref is None:
                 raise RuntimeError("the training job reported no gate scores")
-            gate = await self._gate(pref, pref_seconds, live, cand_name)
+            gate = await self._gate(pref, pref_seconds, live, cand_name, common)
         except Exception:
             await self.hooks.unload(cand_name)
             raise
@@ -293,8 +294,9 @@ class Iteration:
         # The base adapter (v0000) is the reference itself: its margins are 0 by definition.
         return None if m.parent is None and is_base(m.version) else str(m.path)
 
-    async def _gate(self, pref: dict, pref_seconds: float | None, live: str, cand_name: str) -> dict:
-        """Decide on the job's preference scores and the tool-validity requests to the engine."""
+    async def _gate(self, pref: dict, pref_seconds: float | None, live: str, cand_name: str, common: dict) -> dict:
+        """Decide on the job's preference scores, the tool-validity requests to the engine and both
+        versions' grades on the held-out graded prompts."""
         cfg = self.cfg.gate
         t = time.monotonic()
         cases = load_regression_set()
@@ -303,6 +305,14 @@ class Iteration:
                                             tool_validity(self.hooks.chat, live_name, cases))
         tools = {"candidate": cand, "live": live_v}
         seconds = {"preference": pref_seconds, "tool_validity": round(time.monotonic() - t, 3)}
-        passed, reason = decide(cfg, pref, tools)
-        return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools,
+        t = time.monotonic()
+        held = await asyncio.to_thread(
+            sampling_prompts, self.store, self.cfg.sampling, eval_percent=common["eval_percent"],
+            exclude_callers=common["exclude_callers"], held_out=True, max_prompts=cfg.max_graded_prompts)
+        grades = await graded_check(held, self.hooks.sample, self.graders,
+                                    {"candidate": version_of(cand_name), "live": live},
+                                    max_tokens=self.cfg.sampling.max_tokens) if held else None
+        seconds["grades"] = round(time.monotonic() - t, 3)
+        passed, reason = decide(cfg, pref, tools, grades)
+        return {"passed": passed, "reason": reason, "preference": pref, "tool_validity": tools, "grades": grades,
                 "config": asdict(cfg), "seconds": seconds, "at": time.time()}

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from agentloop.rl.rows import bucket, group_key, prompt_of
+from agentloop.rl.rows import assistant_message, bucket, group_key, prompt_of
 
 log = logging.getLogger("agentloop.sampling")
 
@@ -66,11 +66,14 @@ class Prompt:
     key: tuple                # rows.group_key: caller, conversation hash, rendering
     request: dict[str, Any]   # the logged request of the newest reference feedback's completion
     feedback_ids: tuple[str, ...]
+    reference: dict[str, Any] | None = None  # the newest reference (an assistant message)
 
 
 def sampling_prompts(store, cfg: SamplingConfig, *, eval_percent: int, split_salt: str = "",
-                     exclude_callers: tuple[str, ...] = (), trained_feedback_ids: tuple[str, ...] = ()) -> list[Prompt]:
-    """The training prompts to sample (see the module docstring). Blocking (reads the store)."""
+                     exclude_callers: tuple[str, ...] = (), trained_feedback_ids: tuple[str, ...] = (),
+                     held_out: bool = False, max_prompts: int | None = None) -> list[Prompt]:
+    """The training prompts to sample (see the module docstring); with `held_out`, the held-out
+    ones instead (the gate's graded prompts, rl/gate.py `graded_check`). Blocking (reads the store)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     excluded, trained = set(exclude_callers), set(trained_feedback_ids)
     for fb in store.iter_feedback_with_completions():
@@ -79,18 +82,19 @@ def sampling_prompts(store, cfg: SamplingConfig, *, eval_percent: int, split_sal
                 or not isinstance(c.get("request"), dict):
             continue
         p = prompt_of(c)
-        if bucket(p["conversation_hash"], split_salt) < eval_percent:
-            continue  # held out: the gate's, never sampled
+        if (bucket(p["conversation_hash"], split_salt) < eval_percent) != held_out:
+            continue  # held out: the gate's, never sampled for training
         groups.setdefault(group_key(fb["caller"], p), []).append(fb)
     out = []
     for key, fbs in groups.items():
         ids = tuple(f["id"] for f in fbs)
         if set(ids) <= trained:
             continue  # the live lineage learned from these already
-        out.append(Prompt(key, fbs[-1]["completion"]["request"], ids))  # oldest first: the newest word
+        last = fbs[-1]  # oldest first: the caller's newest word
+        out.append(Prompt(key, last["completion"]["request"], ids, assistant_message(last.get("reference"))))
     newest = {p.key: max((f["created_at"], f["id"]) for f in groups[p.key]) for p in out}
     out.sort(key=lambda p: newest[p.key], reverse=True)
-    return out[:cfg.max_prompts]
+    return out[:cfg.max_prompts if max_prompts is None else max_prompts]
 
 
 def sampling_body(request: dict[str, Any], cfg: SamplingConfig) -> dict[str, Any]:

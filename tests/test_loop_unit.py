@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -36,6 +37,59 @@ def test_gate_decision():
     assert "held-out" in decide(cfg, {**pref, "candidate": {"accuracy": 1.0, "n": 1}}, tools)[1]
     ok, reason = decide(cfg, pref, {"candidate": {"validity": 0.5}, "live": {"validity": 1.0}})
     assert not ok and "validity" in reason
+
+
+def test_gate_on_held_out_grades():
+    """Grades beside the preference check: never below live; alone when there are too few pairs."""
+    cfg = GateConfig(min_eval_pairs=2, min_graded_prompts=2)
+    pref = {"candidate": {"accuracy": 0.8, "n": 5}, "live": {"accuracy": 0.5, "n": 5}}
+    no_pairs = {"candidate": {"accuracy": 0.0, "n": 0}, "live": {"accuracy": 0.0, "n": 0}}
+    tools = {"candidate": {"validity": 1.0}, "live": {"validity": 1.0}}
+
+    def grades(c, lv, n=4):
+        return {"candidate": {"mean": c, "n": n}, "live": {"mean": lv, "n": n}, "n": n, "unscored": 0}
+
+    ok, reason = decide(cfg, pref, tools, grades(0.75, 0.5))
+    assert ok and "held-out grades 0.75 vs live 0.50 over 4 prompts" in reason
+    ok, reason = decide(cfg, pref, tools, grades(0.25, 0.5))
+    assert not ok and reason == "held-out grades fell from 0.50 to 0.25 over 4 graded prompts"
+    assert decide(GateConfig(max_grade_drop=0.25), pref, tools, grades(0.25, 0.5))[0]
+    ok, reason = decide(cfg, no_pairs, tools, grades(0.5, 0.5))  # the grades decide: not lower than live
+    assert ok and "0 held-out preference pairs: the grades decide" in reason
+    assert not decide(cfg, no_pairs, tools, grades(0.25, 0.5))[0]
+    ok, reason = decide(cfg, no_pairs, tools, grades(1.0, 0.0, n=1))  # too few graded prompts either
+    assert not ok and reason == "only 0 held-out preference pairs (< 2) and 1 held-out graded prompts (< 2)"
+    assert decide(cfg, pref, tools, grades(0.0, 1.0, n=1))[0]  # too few to count: the pairs decide
+    with pytest.raises(ValueError):
+        GateConfig(max_grade_drop=2)
+
+
+def test_graded_check_scores_both_versions_on_the_same_prompts():
+    from agentloop.rl.gate import graded_check
+    from agentloop.rl.graders import build_graders
+    from agentloop.rl.sampling import Prompt
+
+    def prompt(i):
+        return Prompt(("alice", f"h{i}", "{}"), {"messages": [{"role": "user", "content": f"q{i}"}], "n": 5,
+                                                 "temperature": 1.5}, (f"fb-{i}",),
+                      {"role": "assistant", "content": f"a{i}"})
+
+    asked = []
+
+    async def answer(body, version):
+        asked.append((body, version))
+        i = int(body["messages"][0]["content"][1:])
+        if i == 2 and version == "v0001":
+            raise ConnectionError("engine gone")
+        right = version == "v0001" or i == 0
+        text = f"a{i}" if right else "no"
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+    out = asyncio.run(graded_check([prompt(i) for i in range(4)], answer, build_graders(),
+                                   {"candidate": "v0001", "live": "v0000"}, max_tokens=32))
+    # Prompt 2 failed for the candidate: left out for both, never a 0.
+    assert out == {"candidate": {"mean": 1.0, "n": 3}, "live": {"mean": 1 / 3, "n": 3}, "n": 3, "unscored": 1}
+    assert all(b["n"] == 1 and b["temperature"] == 0.0 and b["max_tokens"] == 32 for b, _ in asked)
 
 
 def test_one_active_run_and_orphans(tmp_path):

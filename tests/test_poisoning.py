@@ -128,7 +128,7 @@ class Hooks:
         self.live = "v0000"
         self.promoted: list[str] = []
         self.loaded: list[str] = []
-        self.samples: list[str] = []  # what sampling answers (none: no choices)
+        self.samples: list[str] | dict[str, list[str]] = []  # what sampling answers (none: no choices)
         self.sampled: list[tuple[dict, str]] = []
 
     def live_version(self) -> str:
@@ -145,9 +145,11 @@ class Hooks:
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "no tool today"}}]}
 
     async def sample(self, body: dict, version: str) -> dict:
-        """The live version's answers for on-policy sampling: `samples`, cycled to the n asked."""
+        """A version's answers (on-policy sampling, the gate's graded prompts): `samples`, or
+        `samples[version]` when it is a dict, cycled to the n asked."""
         self.sampled.append((body, version))
-        answers = [self.samples[i % len(self.samples)] for i in range(body["n"])] if self.samples else []
+        said = self.samples.get(version, []) if isinstance(self.samples, dict) else self.samples
+        answers = [said[i % len(said)] for i in range(body["n"])] if said else []
         return {"choices": [{"index": i, "message": {"role": "assistant", "content": a}} for i, a in enumerate(answers)]}
 
     async def promote(self, version: str, reason: str) -> None:

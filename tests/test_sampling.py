@@ -167,8 +167,8 @@ def test_a_loop_iteration_learns_from_sampled_answers_graded_against_references(
           f"{ds['eval']} held out; gate {json.dumps((run.get('gate') or {}).get('preference'))}; "
           f"phases {run.get('result', {}).get('phase_seconds')}; run {run['status']}: {run['reason']}")
     # Only training prompts were sampled, each once, from the live version, k answers each.
-    sampled = [b["messages"][0]["content"] for b, _ in hooks.sampled]
-    assert sorted(sampled) == sorted(train) and {v for _, v in hooks.sampled} == {"v0000"}
+    sampled = [b["messages"][0]["content"] for b, _ in hooks.sampled if b["n"] == 3]
+    assert sorted(sampled) == sorted(train) and {v for b, v in hooks.sampled if b["n"] == 3} == {"v0000"}
     assert ds["sampling"]["prompts"] == 10 and ds["sampling"]["answers"] == 30 and ds["sampling"]["failed"] == 0
     assert ds["stats"]["graded"]["sampled"] == 20  # per prompt: GOOD and "Maybe later." are new
     rows = [json.loads(line) for line in (tmp_path / "runs" / run["id"] / "data" / "train.jsonl").read_text()
@@ -176,6 +176,46 @@ def test_a_loop_iteration_learns_from_sampled_answers_graded_against_references(
     assert len(rows) == 10 and all(r["graded"] and r["chosen"][0]["content"] == GOOD for r in rows)
     assert run["status"] == "promoted", run
     assert hooks.promoted == [run["version"]] and run["result"]["phase_seconds"]["sampling"] >= 0
+    # The gate also had both versions answer the held-out graded prompts (greedy, one answer each).
+    greedy = [(b["messages"][0]["content"], v) for b, v in hooks.sampled if b["n"] == 1]
+    assert sorted(greedy) == sorted((p, v) for p in held for v in ("v0000", run["version"]))
+    assert run["gate"]["grades"]["n"] == 4 and "held-out grades" in run["reason"]
+
+
+def test_without_held_out_pairs_the_held_out_grades_decide(tmp_path, tiny_model):
+    """Reference feedback on single answers everywhere: no held-out pair for the preference check,
+    so the gate asks both versions for the held-out graded prompts and compares their grades."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_keys import add_key, bearer, make_app
+    from tests.test_poisoning import ScriptedEngine
+
+    pytest.importorskip("torch")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train, held = prompts_split(25, 8, 3)
+    _, raw = add_key(tmp_path, "alice")
+    eng = ScriptedEngine()
+    eng.answer = BAD
+    with TestClient(make_app(tmp_path, eng)) as c:
+        for p in train + held:
+            r = c.post("/v1/chat/completions", headers=bearer(raw),
+                       json={"model": "agentloop", "messages": [{"role": "user", "content": p}]})
+            r = c.post("/v1/feedback", headers=bearer(raw), json={
+                "type": "reference", "completion_id": r.json()["id"], "reference": {"role": "assistant", "content": GOOD}})
+            assert r.status_code == 200, r.text
+        c.app.state.gw.writer.flush()
+    params = {"train": TRAIN, "eval_percent": 25, "sampling": {"k": 2}, "gate": {"min_graded_prompts": 2}}
+
+    def setup(hooks):
+        # The live version (v0000) sometimes finds the right answer when sampled, never greedily
+        # (n=1 takes its first); the candidate (v0001) answers right.
+        hooks.samples = {"v0000": [BAD, GOOD], "v0001": [GOOD]}
+
+    run, hooks, _ = iterate(tmp_path, tiny_model, params, setup=setup)
+    print(f"\n[grades gate] {run['status']}: {run['reason']}; grades {run['gate']['grades']}")
+    assert run["gate"]["preference"]["candidate"]["n"] == 0 and run["gate"]["grades"]["n"] == 3
+    assert run["status"] == "promoted" and "the grades decide" in run["reason"], run
+    assert run["gate"]["grades"]["candidate"]["mean"] == 1.0 and run["gate"]["grades"]["live"]["mean"] == 0.0
 
 
 def test_the_gateway_samples_through_the_chat_path_unlogged(server):
