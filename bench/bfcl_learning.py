@@ -12,7 +12,12 @@ held-out accuracy again on the new live version. Prints both accuracies, the gai
 the gate's numbers and the wall time of the iteration (train call to promoted/rejected).
 `--iterations K` runs K such rounds in a row, each on `--train` new questions asked of the
 version then live (as new users would), with the held-out accuracy after each; `--loop` passes
-loop settings such as `{"train_on": "new"}`.
+loop settings such as `{"train_on": "new"}`. `--signal references` gives no corrections and no
+thumbs at all: each training question's ground-truth call is sent as reference feedback, and the
+loop learns from its graders (on-policy samples of the live version graded against the reference,
+rl/sampling.py); `--signal both` sends the corrections and thumbs and the references. The
+teaching also reports how often the deployment's graders agree with BFCL's own checker on the
+answers it saw (the reference graders' fidelity bounds what graded pairs can teach).
 
 Invariant: the training and held-out cases never overlap (one seeded shuffle, then
 disjoint slices: held out first, then one training slice per iteration); every server this starts is stopped, also on error or Ctrl-C.
@@ -72,15 +77,32 @@ def ground_truth_call(case: dict, answer: tuple[str, object] | None = None) -> d
     return {"id": "call_0", "type": "function", "function": {"name": openai_name(name), "arguments": json.dumps(args)}}
 
 
+def reference_call(case: dict) -> dict:
+    """The ground truth as a user would give it for reference feedback: the call with the
+    parameters the question needs (first allowed value), without the optional ones BFCL lets an
+    answer leave out. (With them, stated at their first allowed value, the reference graders
+    disagreed with BFCL's checker on 21 of 100 answers, nearly all answers that rightly left an
+    optional parameter out; without them, on 4: docs/benchmarks.md.)"""
+    (name, params), = case["ground_truth"][0].items()
+    args = {k: next(v for v in allowed if v != "") for k, allowed in params.items()
+            if "" not in allowed and any(v != "" for v in allowed)}
+    return {"id": "call_0", "type": "function", "function": {"name": openai_name(name), "arguments": json.dumps(args)}}
+
+
 def accuracy(results: list[dict]) -> tuple[int, int]:
     return sum(r["ast"] for r in results), len(results)
 
 
 async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int = 2,
-                record: list | None = None, args_minimal: bool = True) -> dict[str, int]:
-    """Ask every training question once; correct the wrong calls, thumbs-up the right ones
-    (each question's calls and feedback appended to `record` when given)."""
-    counts = {"corrections": 0, "thumbs_up": 0, "errors": 0}
+                record: list | None = None, args_minimal: bool = True, signal: str = "corrections") -> dict[str, int]:
+    """Ask every training question once; correct the wrong calls, thumbs-up the right ones, and/or
+    send the ground truth as a reference (`signal`); each question's calls and feedback are appended
+    to `record` when given."""
+    from agentloop.rl.graded import score_candidates
+    from agentloop.rl.graders import build_graders
+
+    graders = build_graders()  # the deployment's defaults: what grades the references in the loop
+    counts = {"corrections": 0, "thumbs_up": 0, "references": 0, "errors": 0, "graders_agree": 0}
     queue = list(cases)
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -102,17 +124,26 @@ async def teach(url: str, cases: list[dict], max_tokens: int, concurrency: int =
             ok, _ = check_calls(case, calls)
             # A careful user fixes what is wrong in the model's call, not the rest of it.
             answer = calls[0] if args_minimal and len(calls) == 1 else None
-            if ok:
-                fb = {"completion_id": resp["id"], "type": "thumbs", "value": 1}
-            else:
-                fb = {"completion_id": resp["id"], "type": "correction",
-                      "correction": {"role": "assistant", "content": None, "tool_calls": [ground_truth_call(case, answer)]}}
-            f = await client.post(f"{url}/v1/feedback", json=fb)
-            f.raise_for_status()
+            sent = []
+            if signal in ("corrections", "both"):
+                if ok:
+                    sent.append({"completion_id": resp["id"], "type": "thumbs", "value": 1})
+                else:
+                    sent.append({"completion_id": resp["id"], "type": "correction", "correction": {
+                        "role": "assistant", "content": None, "tool_calls": [ground_truth_call(case, answer)]}})
+                counts["thumbs_up" if ok else "corrections"] += 1
+            reference = {"role": "assistant", "content": None, "tool_calls": [reference_call(case)]}
+            if signal in ("references", "both"):
+                sent.append({"completion_id": resp["id"], "type": "reference", "reference": reference})
+                counts["references"] += 1
+            (scored,) = score_candidates(graders, body, [msg], reference)
+            counts["graders_agree"] += (scored.score == 1.0) == ok
+            for fb in sent:
+                f = await client.post(f"{url}/v1/feedback", json=fb)
+                f.raise_for_status()
             if record is not None:
                 record.append({"id": case.get("id"), "question": case_request(case, "required", max_tokens)["messages"],
-                               "calls": calls, "feedback": fb})
-            counts["thumbs_up" if ok else "corrections"] += 1
+                               "calls": calls, "feedback": sent, "grade": scored.score, "bfcl_ok": ok})
 
     async with httpx.AsyncClient(timeout=900, headers=USER) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
@@ -159,6 +190,9 @@ def main() -> None:
                    help="correct with the whole ground-truth call (every parameter's first allowed value) "
                         "instead of fixing only what the model got wrong (sessions 3-5 measured this way)")
     p.add_argument("--dump", type=Path, help="write every question's calls and grade (before, teaching, after) as JSON")
+    p.add_argument("--signal", choices=("corrections", "references", "both"), default="corrections",
+                   help="what the simulated users send: corrections and thumbs (default), only the ground truth "
+                        "as reference feedback (the loop learns from graded on-policy samples), or both")
     args = p.parse_args()
 
     from agentloop.serve.engine.default_model import ensure_default_model
@@ -193,7 +227,7 @@ def main() -> None:
             t0 = time.perf_counter()
             taught: list[dict] = []
             counts = _run(teach(url, train, args.max_tokens, args.concurrency, taught,
-                                args_minimal=not args.full_corrections))
+                                args_minimal=not args.full_corrections, signal=args.signal))
             print(f"iteration {i}: feedback {counts} in {time.perf_counter() - t0:.0f} s", flush=True)
             run, wall = train_once(url, ADMIN_KEY, params, timeout=3600)
             print(f"iteration {i}: {run['status']} in {wall:.0f} s ({run.get('reason')})", flush=True)
@@ -217,13 +251,15 @@ def main() -> None:
                                          "iterations": [{k: v for k, v in it.items() if k != "taught"}
                                                         for it in iterations]},
                                         indent=1, default=str))
-    print(f"\nheld out {len(held)}; {args.train} new training questions per iteration; eval_percent "
+    print(f"\nsignal {args.signal}; held out {len(held)}; {args.train} new training questions per iteration; eval_percent "
           f"{args.eval_percent}; job settings (the rest are the method's job defaults) {json.dumps(params['train'])}"
           + (f"; loop {json.dumps(args.loop)}" if args.loop else ""))
     prev = before
     for i, it in enumerate(iterations, 1):
         c, after, run = it["counts"], it["after"], it["run"]
-        print(f"iteration {i}: feedback {c['corrections']} corrections, {c['thumbs_up']} thumbs up; "
+        print(f"iteration {i}: feedback {c['corrections']} corrections, {c['thumbs_up']} thumbs up, "
+              f"{c['references']} references (graders agree with BFCL's checker on {c['graders_agree']} of "
+              f"{c['corrections'] + c['thumbs_up'] or c['references']} answers); "
               f"{run['status']} {run.get('version') or ''} in {it['wall']:.0f} s wall (dataset, training job, gate, "
               f"promotion); held out {prev[0]}/{prev[1]} -> {after[0]}/{after[1]}")
         prev = after
