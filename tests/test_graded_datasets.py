@@ -169,6 +169,30 @@ def test_graded_rules():
 
 GOOD = "Certainly! Tell me what you need."
 BAD = "No. Figure it out yourself."
+
+
+def feed_references(home, answers: dict[str, tuple[str, ...]], reference: str = GOOD) -> str:
+    """Through the HTTP API (keys mode, a scripted engine): alice asks each prompt once per answer
+    it is given (a regenerate each time) and sends `reference` as reference feedback on the first.
+    Returns alice's caller id."""
+    key, raw = add_key(home, "alice")
+    eng = ScriptedEngine()
+    with TestClient(make_app(home, eng)) as c:
+        for prompt, said in answers.items():
+            ids = []
+            for answer in said:
+                eng.answer = answer
+                r = c.post("/v1/chat/completions", headers=bearer(raw),
+                           json={"model": "agentloop", "messages": [{"role": "user", "content": prompt}]})
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["id"])
+            r = c.post("/v1/feedback", headers=bearer(raw), json={
+                "type": "reference", "completion_id": ids[0], "reference": {"role": "assistant", "content": reference}})
+            assert r.status_code == 200, r.text
+        c.app.state.gw.writer.flush()
+    return key["caller"]
+
+
 TRAIN = {"learning_rate": 2e-3, "max_steps": 8, "per_device_train_batch_size": 2, "max_length": 128}
 
 
@@ -178,22 +202,8 @@ def test_a_run_on_reference_feedback_alone_trains_on_graded_pairs(tmp_path, tiny
     gate (on held-out graded pairs) promotes the candidate that prefers the reference-like answer."""
     pytest.importorskip("torch")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    key, raw = add_key(tmp_path, "alice")
-    eng = ScriptedEngine()
-    with TestClient(make_app(tmp_path, eng)) as c:
-        for i in range(16):
-            prompt = f"Could you check invoice {i} for me?"
-            ids = []
-            for answer in (BAD, GOOD) if i % 2 else (GOOD, BAD):
-                eng.answer = answer
-                r = c.post("/v1/chat/completions", headers=bearer(raw),
-                           json={"model": "agentloop", "messages": [{"role": "user", "content": prompt}]})
-                assert r.status_code == 200, r.text
-                ids.append(r.json()["id"])
-            r = c.post("/v1/feedback", headers=bearer(raw), json={
-                "type": "reference", "completion_id": ids[0], "reference": {"role": "assistant", "content": GOOD}})
-            assert r.status_code == 200, r.text
-        c.app.state.gw.writer.flush()
+    caller = feed_references(tmp_path, {f"Could you check invoice {i} for me?": (BAD, GOOD) if i % 2 else (GOOD, BAD)
+                               for i in range(16)})
     run, hooks, _ = iterate(tmp_path, tiny_model, {"train": TRAIN, "eval_percent": 25,
                                                    "gate": {"min_accuracy_gain": 0.5, "min_eval_pairs": 2}})
     stats = run["dataset"]["stats"]
@@ -208,4 +218,4 @@ def test_a_run_on_reference_feedback_alone_trains_on_graded_pairs(tmp_path, tiny
     assert all(r["graded"] and r["chosen"][0]["content"] == GOOD and r["rejected"][0]["content"] == BAD
                for r in rows)
     assert run["status"] == "promoted", run
-    assert hooks.promoted == [run["version"]] and key["caller"] in sides["train"]
+    assert hooks.promoted == [run["version"]] and caller in sides["train"]

@@ -25,11 +25,9 @@ from agentloop.rl.sampling import SamplingConfig, sample, sampling_body, samplin
 from agentloop.rl.schema import conversation_hash
 from agentloop.serve.store.db import Store
 from tests.test_datasets import World
-from tests.test_graded_datasets import WEATHER, call, text
+from tests.test_graded_datasets import BAD, GOOD, WEATHER, call, feed_references, text
 from tests.test_poisoning import iterate
 
-GOOD = "Certainly! Tell me what you need."
-BAD = "No. Figure it out yourself."
 
 
 @pytest.fixture
@@ -132,29 +130,10 @@ TRAIN = {"learning_rate": 2e-3, "max_steps": 8, "per_device_train_batch_size": 2
 def test_a_loop_iteration_learns_from_sampled_answers_graded_against_references(tmp_path, tiny_model):
     """Every logged answer to a training prompt is the wrong one; only sampling the live version finds
     the right one. The held-out prompts have both logged (a regenerate), so the gate can judge."""
-    from fastapi.testclient import TestClient
-
-    from tests.test_keys import add_key, bearer, make_app
-    from tests.test_poisoning import ScriptedEngine
-
     pytest.importorskip("torch")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train, held = prompts_split(25, 10, 4)
-    _, raw = add_key(tmp_path, "alice")
-    eng = ScriptedEngine()
-    with TestClient(make_app(tmp_path, eng)) as c:
-        for p in train + held:
-            ids = []
-            for answer in (BAD, GOOD) if p in held else (BAD,):
-                eng.answer = answer
-                r = c.post("/v1/chat/completions", headers=bearer(raw),
-                           json={"model": "agentloop", "messages": [{"role": "user", "content": p}]})
-                assert r.status_code == 200, r.text
-                ids.append(r.json()["id"])
-            r = c.post("/v1/feedback", headers=bearer(raw), json={
-                "type": "reference", "completion_id": ids[0], "reference": {"role": "assistant", "content": GOOD}})
-            assert r.status_code == 200, r.text
-        c.app.state.gw.writer.flush()
+    feed_references(tmp_path, {p: (BAD, GOOD) if p in held else (BAD,) for p in train + held})
 
     def hooks_factory(hooks):
         hooks.samples = [BAD, GOOD, "Maybe later."]
@@ -185,25 +164,10 @@ def test_a_loop_iteration_learns_from_sampled_answers_graded_against_references(
 def test_without_held_out_pairs_the_held_out_grades_decide(tmp_path, tiny_model):
     """Reference feedback on single answers everywhere: no held-out pair for the preference check,
     so the gate asks both versions for the held-out graded prompts and compares their grades."""
-    from fastapi.testclient import TestClient
-
-    from tests.test_keys import add_key, bearer, make_app
-    from tests.test_poisoning import ScriptedEngine
-
     pytest.importorskip("torch")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train, held = prompts_split(25, 8, 3)
-    _, raw = add_key(tmp_path, "alice")
-    eng = ScriptedEngine()
-    eng.answer = BAD
-    with TestClient(make_app(tmp_path, eng)) as c:
-        for p in train + held:
-            r = c.post("/v1/chat/completions", headers=bearer(raw),
-                       json={"model": "agentloop", "messages": [{"role": "user", "content": p}]})
-            r = c.post("/v1/feedback", headers=bearer(raw), json={
-                "type": "reference", "completion_id": r.json()["id"], "reference": {"role": "assistant", "content": GOOD}})
-            assert r.status_code == 200, r.text
-        c.app.state.gw.writer.flush()
+    feed_references(tmp_path, {p: (BAD,) for p in train + held})
     params = {"train": TRAIN, "eval_percent": 25, "sampling": {"k": 2}, "gate": {"min_graded_prompts": 2}}
 
     def setup(hooks):
